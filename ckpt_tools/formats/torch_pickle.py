@@ -1,0 +1,124 @@
+"""Torch pickles: zip format (``torch.save`` since 1.6) and the legacy (non-zip) format.
+
+Always ``torch.load(weights_only=True)``: a pickle that needs other globals is refused, never run.
+Zip files are opened with ``mmap=True`` (local) or ``map_location="meta"`` (a remote file object),
+so listing keys reads only the pickle and the zip directory. Legacy files cannot be mapped and are
+read in full; the checkpoint's notes say so.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import InvalidCheckpointError, UnsafePickleError
+from ..meta import TensorMeta
+from ..reader import Checkpoint
+from .wrappers import unwrap
+
+ZIP_MAGIC = b"PK\x03\x04"
+# torch's legacy format begins with the pickled magic number 0x1950a86a20f9469cfc6c
+LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
+
+
+def sniff_zip(head: bytes) -> bool:
+    return head.startswith(ZIP_MAGIC)
+
+
+def sniff_legacy(head: bytes) -> bool:
+    return head.startswith(LEGACY_MAGIC)
+
+
+def _unsafe(source: str, exc: Exception, fileobj_or_path) -> UnsafePickleError:
+    names = _offending_globals(fileobj_or_path)
+    listed = ", ".join(names) if names else str(exc).splitlines()[0][:200]
+    return UnsafePickleError(
+        f"the pickle needs globals that safe (weights_only) loading refuses: {listed}; it was not executed",
+        globals_=names, path=source,
+        fix=f"run `ckpt scan {source}` to see what they would do; only load files you trust")
+
+
+def _offending_globals(fileobj_or_path) -> list[str]:
+    try:
+        from ..scan import unsafe_globals
+    except ImportError:
+        return []
+    try:
+        if hasattr(fileobj_or_path, "seek"):
+            fileobj_or_path.seek(0)
+        return list(unsafe_globals(fileobj_or_path))
+    except Exception:  # noqa: BLE001 - naming the globals is best effort; the refusal stands
+        return []
+
+
+def _torch_load(source: str, target, **kwargs):
+    import torch
+
+    try:
+        return torch.load(target, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
+            raise _unsafe(source, exc, target) from None
+        raise InvalidCheckpointError(f"corrupt pickle ({str(exc).splitlines()[0][:160]})", path=source,
+                                     fix="the file is damaged: download or save it again") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError, IndexError,
+            TypeError, AttributeError, MemoryError, RecursionError, UnicodeDecodeError, OverflowError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise InvalidCheckpointError(f"truncated or corrupt torch checkpoint ({first})", path=source,
+                                     fix="the file is damaged: download or save it again") from None
+
+
+class TorchCheckpoint(Checkpoint):
+    """A torch pickle loaded lazily (mmap or meta); tensors stay where torch.load put them."""
+
+    def __init__(self, source: str, obj, fmt: str) -> None:
+        super().__init__(source)
+        self.format = fmt
+        state, self.wrapper, self.extras = unwrap(obj, source)
+        self._state = state
+        self._metas = {name: TensorMeta.from_tensor(name, t) for name, t in state.items()}
+        self.aliases = _alias_groups(state)
+
+    def _load_tensor(self, key: str):
+        tensor = self._state[key]
+        if tensor.device.type == "meta":
+            from ..errors import UsageError
+
+            raise UsageError("tensor bytes are not available from a remote listing", path=self.source,
+                             key=key, fix="download the file first (ckpt download) and open the local copy")
+        return tensor
+
+    def close(self) -> None:
+        self._state = {}
+
+
+def _alias_groups(state: Mapping) -> list[list[str]]:
+    """Names that view the same bytes (same storage, offset, shape and stride)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, tensor in state.items():
+        storage = tensor.untyped_storage()
+        where = storage.data_ptr() if tensor.device.type != "meta" else storage._cdata
+        if tensor.device.type != "meta" and where == 0:
+            where = ("empty", name)  # zero-size storages all share address 0
+        key = (where, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        groups.setdefault(key, []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def open_zip_path(path: Path, source: str) -> TorchCheckpoint:
+    return TorchCheckpoint(source, _torch_load(source, str(path), mmap=True, map_location="cpu"), "torch-zip")
+
+
+def open_zip_fileobj(fileobj: BinaryIO, source: str, size: int) -> TorchCheckpoint:
+    return TorchCheckpoint(source, _torch_load(source, fileobj, map_location="meta"), "torch-zip")
+
+
+def open_legacy_path(path: Path, source: str) -> TorchCheckpoint:
+    checkpoint = TorchCheckpoint(source, _torch_load(source, str(path), map_location="cpu"), "torch-legacy")
+    checkpoint.notes.append("legacy (non-zip) torch pickle: read in full, since it cannot be memory-mapped; "
+                            "convert it to .safetensors for fast access")
+    checkpoint.bytes_read = path.stat().st_size
+    return checkpoint

@@ -1,0 +1,106 @@
+"""open_checkpoint(source) -> a lazy Checkpoint.
+
+A Checkpoint lists keys, shapes, dtypes, aliases, metadata and non-tensor extras without reading
+tensor bytes; ``tensor(key)`` materialises one tensor at a time. Formats live in
+``ckpt_tools.formats`` and are tried in registry order (see ``formats/__init__.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import CheckpointNotFoundError
+from .meta import TensorMeta
+
+
+class Checkpoint:
+    """Base class of every format's reader. Subclasses fill the fields and implement
+    ``_load_tensor``; everything else is shared.
+
+    Fields:
+      source   what the user passed (path or hf:// reference)
+      format   registry name of the format (``safetensors``, ``torch-zip``, ...)
+      wrapper  where inside the file the state dict was found (``model_state_dict``), or None
+      metadata str -> str metadata (safetensors ``__metadata__``, index metadata)
+      extras   non-tensor entries found beside the state dict: {dotted name: type name}
+      notes    things the user should know about how the file was read
+      aliases  groups of names that share one tensor (same storage, offset, shape, stride)
+    """
+
+    format: str = "unknown"
+
+    def __init__(self, source: str) -> None:
+        self.source = str(source)
+        self.wrapper: str | None = None
+        self.metadata: dict[str, str] = {}
+        self.extras: dict[str, str] = {}
+        self.notes: list[str] = []
+        self.aliases: list[list[str]] = []
+        self._metas: dict[str, TensorMeta] = {}
+        self.bytes_read: int | None = None
+
+    # -- listing (no tensor bytes) --
+    def keys(self) -> list[str]:
+        return list(self._metas)
+
+    def meta(self, key: str) -> TensorMeta:
+        try:
+            return self._metas[key]
+        except KeyError:
+            from .errors import InvalidCheckpointError
+
+            raise InvalidCheckpointError("no such tensor in the checkpoint", path=self.source, key=key,
+                                         fix="run `ckpt inspect` to list its keys") from None
+
+    def metas(self) -> dict[str, TensorMeta]:
+        return dict(self._metas)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._metas
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._metas)
+
+    def __len__(self) -> int:
+        return len(self._metas)
+
+    def alias_of(self) -> dict[str, str]:
+        """{alias name: first name of its group} for every non-first member of an alias group."""
+        return {name: group[0] for group in self.aliases for name in group[1:]}
+
+    # -- bytes --
+    def tensor(self, key: str):
+        """The tensor stored under ``key`` (a CPU torch tensor), read on demand."""
+        self.meta(key)
+        return self._load_tensor(key)
+
+    def _load_tensor(self, key: str):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- lifetime --
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.source!r} format={self.format} tensors={len(self)}>"
+
+
+def open_checkpoint(source: str | Path, **options) -> Checkpoint:
+    """Open a local file, folder, index or ``hf://ORG/NAME[@REV]/PATH`` reference lazily."""
+    from .formats import open_local, open_remote_reference
+
+    text = str(source)
+    if text.startswith("hf://"):
+        return open_remote_reference(text, **options)
+    path = Path(text)
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointNotFoundError("no such file or folder", path=text,
+                                      fix="check the path, or use hf://ORG/NAME[@REVISION]/PATH for the hub")
+    return open_local(path, **options)
