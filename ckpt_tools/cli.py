@@ -26,7 +26,9 @@ def format_option(func):
 
 
 def remap_options(func):
-    """The remap flags shared by remap, convert, diff, validate (applied in this order)."""
+    """The remap flags shared by remap, convert, diff, validate. Applied presets first (they undo
+    training wrappers, so the other rules see clean names), then in the order listed here, then the
+    rules file (see ``remap.rules_from_cli``)."""
     options = [
         click.option("--strip-prefix", multiple=True, metavar="PREFIX",
                      help="Remove a leading prefix from keys (only at the start). Repeatable."),
@@ -36,7 +38,7 @@ def remap_options(func):
         click.option("--drop", multiple=True, metavar="GLOB", help="Drop keys matching a glob."),
         click.option("--keep", multiple=True, metavar="GLOB", help="Keep only keys matching a glob."),
         click.option("--preset", "remap_presets", multiple=True, metavar="NAME",
-                     help="A named remap preset (ddp, compile, fsdp, ...)."),
+                     help="A named remap preset (ddp, compile, fsdp, ...); presets run before the other rules."),
         click.option("--rules", "rules_file", type=click.Path(dir_okay=False), metavar="FILE",
                      help="A TOML rules file, applied after the flags."),
     ]
@@ -120,12 +122,209 @@ def inspect(source: str, pattern: str | None, depth: int, fmt: str) -> None:
 
 
 # --- remap ---
+@cli.command()
+@click.argument("src")
+@click.argument("dst")
+@remap_options
+@click.option("--force", is_flag=True, help="Overwrite DST if it exists (never the source itself).")
+@format_option
+def remap(src: str, dst: str, force: bool, fmt: str, **kwargs) -> None:
+    """Rewrite the keys of SRC into DST, keeping the format.
+
+    safetensors stays safetensors (a sharded folder stays sharded); a torch pickle is written with
+    torch.save, wrapper and extras kept. Presets run first, then --strip-prefix, --add-prefix,
+    --rename, --drop, --keep, then the --rules file; each rule sees the previous rule's output.
+
+    \b
+    Example:
+      ckpt remap train.pt clean.pt --preset ddp --drop '*.num_batches_tracked'
+      ckpt remap model.safetensors out.safetensors --rename '^transformer\\.=model.'
+    """
+    from .convert import remap_checkpoint
+
+    emit(remap_checkpoint(src, dst, rules=rules_from_options(kwargs), force=force), fmt)
+
+
 # --- convert ---
+@cli.command()
+@click.argument("src")
+@click.argument("dst")
+@remap_options
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="Cast floating-point tensors (integer and bool tensors keep their dtype).")
+@click.option("--max-shard-size", metavar="SIZE",
+              help="Write DST as a folder of shards of at most SIZE (e.g. 2GB, 500MB) plus an index.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Reopen the output and compare every tensor bit for bit with its source.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs (never the source itself).")
+@click.option("--extras", "extras_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write the non-tensor entries (epoch, config...) that are JSON-able to FILE.")
+@format_option
+def convert(src: str, dst: str, dtype: str | None, max_shard_size: str | None, verify: bool, force: bool,
+            extras_path: str | None, fmt: str, **kwargs) -> None:
+    """Convert SRC (.pt, .bin, .safetensors, a sharded index or folder) to safetensors at DST.
+
+    DST is one .safetensors file, or with --max-shard-size (or when DST is a folder) shards named
+    model-00001-of-0000N.safetensors plus model.safetensors.index.json. Tensors stream one at a
+    time from a memory map; names that share one tensor are stored once and recorded in the
+    metadata. The output appears only once it is complete and verified.
+
+    \b
+    Example:
+      ckpt convert checkpoint.pt model.safetensors --preset ddp --extras extras.json
+      ckpt convert pytorch_model.bin.index.json out/ --max-shard-size 2GB --dtype bf16
+    """
+    from .convert import convert_to_safetensors
+
+    result = convert_to_safetensors(src, dst, rules=rules_from_options(kwargs), dtype=dtype,
+                                    max_shard_size=max_shard_size, verify=verify, force=force,
+                                    extras_path=extras_path)
+    emit(result, fmt)
+
+
 # --- diff ---
+def _expect_options(func):
+    """--expect-missing / --require, shared by diff and validate."""
+    func = click.option("--require", multiple=True, metavar="GLOB",
+                        help="Keys the checkpoint must cover even if frozen in the model. Repeatable.")(func)
+    return click.option("--expect-missing", multiple=True, metavar="GLOB",
+                        help="Model keys the checkpoint may omit (beyond frozen ones). Repeatable.")(func)
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--model", "model", metavar="PRESET", help="Compare with a model preset built on the meta device.")
+@click.option("--model-config", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Compare with the model a factory config (JSON/TOML keyword arguments) builds.")
+@click.option("--against", metavar="SOURCE2", help="Compare with another checkpoint's keys.")
+@remap_options
+@_expect_options
+@format_option
+def diff(source: str, model: str | None, model_config: str | None, against: str | None,
+         expect_missing: tuple[str, ...], require: tuple[str, ...], fmt: str, **kwargs) -> None:
+    """Key report of SOURCE against a model: matched, cast, shape mismatches, missing, unexpected.
+
+    Missing keys are split into expected (frozen in the model, --expect-missing, the preset's
+    expectations) and unexpected (trained parameters, --require). Exit 0 when the verdict is ok,
+    1 when it is not, 2 on bad input. Reads no tensor data.
+
+    \b
+    Example:
+      ckpt diff checkpoint.pt --model openflamingo-3b-vitl-mpt1b
+      ckpt diff train.pt --model openflamingo-3b-vitl-mpt1b --strip-prefix module. --format json
+      ckpt diff new.safetensors --against old.safetensors --format markdown
+    """
+    from .diff import diff_keys, target_from_options
+
+    report = diff_keys(source, target_from_options(model, model_config, against), remap=rules_from_options(kwargs),
+                       expect_missing=expect_missing, require=require)
+    emit(report, fmt)
+    sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
+
+
 # --- validate ---
+@cli.command()
+@click.argument("source")
+@click.option("--model", "model", metavar="PRESET", help="The model preset the checkpoint is for.")
+@click.option("--model-config", type=click.Path(dir_okay=False), metavar="FILE",
+              help="A factory config (JSON/TOML keyword arguments) that builds the model.")
+@remap_options
+@_expect_options
+@click.option("--load", "do_load", is_flag=True,
+              help="Also load the checkpoint into the model and verify every tensor landed.")
+@click.option("--force", is_flag=True, help="With --load: load the tensors that fit even when the verdict fails.")
+@click.option("--device", default="meta", show_default=True,
+              help="Where to build the model; on meta only loaded tensors are materialised (on cpu).")
+@format_option
+def validate(source: str, model: str | None, model_config: str | None, expect_missing: tuple[str, ...],
+             require: tuple[str, ...], do_load: bool, force: bool, device: str, fmt: str, **kwargs) -> None:
+    """Inspect SOURCE, diff it against its model (and with --load, load and verify): one verdict.
+
+    Exit 0 when the verdict is ok, 1 when it is not (or the load was refused), 2 on bad input.
+
+    \b
+    Example:
+      ckpt validate checkpoint.pt --model openflamingo-3b-vitl-mpt1b
+      ckpt validate checkpoint.pt --model-config flamingo.json --load --format json
+    """
+    from .validation import validate as run_validate
+
+    report = run_validate(source, model=model, model_config=model_config, remap=rules_from_options(kwargs),
+                          expect_missing=expect_missing, require=require, load=do_load, force=force,
+                          device=device)
+    emit(report, fmt)
+    sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
 # --- download ---
+@cli.command("download")
+@click.argument("repo_id")
+@click.argument("files", nargs=-1)
+@click.option("--revision", default="main", show_default=True, help="Branch, tag or commit; resolved to one commit before any file.")
+@click.option("--lock", "lock", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write the commit and each file's size and sha256 here (or read them, with --locked).")
+@click.option("--locked", is_flag=True, help="Fetch exactly what --lock FILE records; exit 1 if the bytes differ.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Hub cache folder (default: HF_HUB_CACHE).")
+@click.option("--local-dir", type=click.Path(file_okay=False), help="Put plain files here instead of the cache.")
+@click.option("--endpoint", metavar="URL", help="Hub or mirror URL (default: HF_ENDPOINT).")
+@format_option
+def download_command(repo_id, files, revision, lock, locked, cache_dir, local_dir, endpoint, fmt):
+    """Download files of REPO_ID at one pinned commit: resumable, hashed, verified.
+
+    Without FILES, every file of the revision. A partial file survives an interrupted run and
+    the next run resumes it.
+
+    \b
+    Example:
+      ckpt download openflamingo/OpenFlamingo-3B-vitl-mpt1b checkpoint.pt --lock ckpt.lock
+      ckpt download openflamingo/OpenFlamingo-3B-vitl-mpt1b --lock ckpt.lock --locked
+    """
+    from .hub import download
+
+    result = download(repo_id, files, revision=revision, cache_dir=cache_dir, local_dir=local_dir,
+                      endpoint=endpoint, lock=lock, locked=locked)
+    emit(result, fmt)
+
+
 # --- serve ---
+@cli.command("serve")
+@click.argument("folder", metavar="DIR", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", default=8080, show_default=True, type=int, help="Port (0 picks a free one).")
+def serve_command(folder, host, port):
+    """Serve DIR, a hub cache folder (models--ORG--NAME/...), as a local hub mirror.
+
+    huggingface_hub, transformers and `ckpt download` use it with HF_ENDPOINT.
+
+    \b
+    Example:
+      ckpt serve ~/.cache/huggingface/hub --port 8080
+      HF_ENDPOINT=http://127.0.0.1:8080 ckpt download openflamingo/OpenFlamingo-3B-vitl-mpt1b
+    """
+    from .server import serve
+
+    serve(folder, host, port)
+
+
 # --- scan ---
+@cli.command()
+@click.argument("source")
+@format_option
+def scan(source: str, fmt: str) -> None:
+    """List what a pickle checkpoint would import and call, without running it.
+
+    Walks the opcodes of every pickle in SOURCE (a torch zip file, a legacy torch file or a plain
+    pickle; local or hf://) and checks each global against the allow-list of
+    torch.load(weights_only=True). Exit 0 when safe, 1 when unsafe, 2 when unreadable.
+
+    \b
+    Example:
+      ckpt scan checkpoint.pt
+      ckpt scan hf://openflamingo/OpenFlamingo-3B-vitl-mpt1b/checkpoint.pt --format json
+    """
+    from .scan import scan_pickle
+
+    report = scan_pickle(source)
+    emit(report, fmt)
+    sys.exit(EXIT_OK if report.verdict == "safe" else EXIT_PROBLEMS)
 # --- demo ---
 
 
