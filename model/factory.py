@@ -1,0 +1,164 @@
+"""``create_model_and_transforms``: OpenFlamingo v2's factory, on current transformers and open_clip.
+
+Same arguments, same returned triple ``(model, image_processor, tokenizer)``, the same special tokens
+in the same order and the same freezing. Additions: ``device``/``dtype`` (``device="meta"`` builds
+the skeleton from configs alone, allocating nothing and loading no weights), revisions for the LM
+and tokenizer, and open_clip model-config JSON files as ``clip_vision_encoder_path``. Remote code
+is off by default: every supported family has a native transformers class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import FLAMINGO_SPECIAL_TOKENS, PAD_TOKEN
+from .flamingo import Flamingo
+
+# JSON config files already handed to open_clip (its registry rescans every path on each add)
+_registered_clip_configs: set[Path] = set()
+
+
+def create_model_and_transforms(
+    clip_vision_encoder_path: str,
+    clip_vision_encoder_pretrained: str | None,
+    lang_encoder_path: str,
+    tokenizer_path: str,
+    cross_attn_every_n_layers: int = 1,
+    use_local_files: bool = False,
+    decoder_layers_attr_name: str | None = None,
+    freeze_lm_embeddings: bool = False,
+    cache_dir: str | None = None,
+    *,
+    lang_encoder_revision: str | None = None,
+    tokenizer_revision: str | None = None,
+    trust_remote_code: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    **flamingo_kwargs: Any,
+):
+    """Build a Flamingo model from an open_clip vision encoder and a Hugging Face causal LM.
+
+    clip_vision_encoder_path: an open_clip model name (``ViT-L-14``), ``hf-hub:``/``local-dir:``
+    reference, or a model-config JSON file; clip_vision_encoder_pretrained: open_clip's pretrained
+    tag or weights file (None: random init). lang_encoder_path / tokenizer_path: hub ids or local
+    folders. Returns ``(model, image_processor, tokenizer)``.
+
+    Example:
+        model, image_processor, tokenizer = create_model_and_transforms(
+            "ViT-L-14", "openai", "anas-awadalla/mpt-7b", "anas-awadalla/mpt-7b",
+            cross_attn_every_n_layers=4,
+            lang_encoder_revision="68e1a8e0ebb9b30f3c45c1ef6195980f29063ae2")
+    """
+    device = torch.device(device)
+    on_meta = device.type == "meta"
+    hub = {"local_files_only": use_local_files, "cache_dir": cache_dir, "trust_remote_code": trust_remote_code}
+    vision_encoder, image_processor, vis_dim = load_vision_encoder(
+        clip_vision_encoder_path, None if on_meta else clip_vision_encoder_pretrained, device=device,
+        cache_dir=cache_dir)
+    tokenizer = load_tokenizer(tokenizer_path,
+                               revision=tokenizer_revision or (lang_encoder_revision
+                                                               if tokenizer_path == lang_encoder_path else None),
+                               **hub)
+    lang_encoder = load_lang_encoder(lang_encoder_path, revision=lang_encoder_revision, device=device,
+                                     dtype=dtype, **hub)
+    # growing a meta embedding cannot sample new rows from the old ones' statistics
+    lang_encoder.resize_token_embeddings(len(tokenizer), **({"mean_resizing": False} if on_meta else {}))
+    with torch.device(device) if on_meta else contextlib.nullcontext():
+        model = Flamingo(vision_encoder, lang_encoder,
+                         eoc_token_id=tokenizer.convert_tokens_to_ids(FLAMINGO_SPECIAL_TOKENS[0]),
+                         media_token_id=tokenizer.convert_tokens_to_ids(FLAMINGO_SPECIAL_TOKENS[1]),
+                         vis_dim=vis_dim, cross_attn_every_n_layers=cross_attn_every_n_layers,
+                         decoder_layers_attr_name=decoder_layers_attr_name, **flamingo_kwargs)
+    model.to(device=device, dtype=dtype)
+    freeze_backbones(model, freeze_lm_embeddings=freeze_lm_embeddings)
+    return model, image_processor, tokenizer
+
+
+def add_special_tokens(tokenizer) -> None:
+    """OpenFlamingo's tokens, in its order: ``<|endofchunk|>``, ``<image>``, then ``<PAD>`` if needed."""
+    tokenizer.add_special_tokens({"additional_special_tokens": list(FLAMINGO_SPECIAL_TOKENS)})
+    if tokenizer.pad_token is None:
+        # the training code masks padding out of the loss through pad_token_id
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+
+
+def load_tokenizer(path: str, *, revision: str | None = None, **hub: Any):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, **hub)
+    add_special_tokens(tokenizer)
+    return tokenizer
+
+
+def load_lang_encoder(path: str, *, revision: str | None = None, device: torch.device,
+                      dtype: torch.dtype | None = None, **hub: Any) -> nn.Module:
+    """The causal LM from a hub id or folder; on the meta device from its config alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if device.type == "meta":
+        config = AutoConfig.from_pretrained(path, revision=revision, **hub)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(
+                config, trust_remote_code=hub.get("trust_remote_code", False))
+    # OpenFlamingo computed in fp32; transformers 5 would otherwise pick the file's dtype
+    return AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype or torch.float32, **hub)
+
+
+def load_vision_encoder(path: str, pretrained: str | None, *, device: torch.device,
+                        cache_dir: str | None = None) -> tuple[nn.Module, Any, int]:
+    """``(open_clip model, validation transform, vision width)``; ``path`` may be a config JSON file."""
+    import open_clip
+
+    name, config = _clip_name_and_config(path)
+    with torch.device(device) if device.type == "meta" else contextlib.nullcontext():
+        clip, _, image_processor = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained or None, device=device, cache_dir=cache_dir)
+    width = (config or {}).get("vision_cfg", {}).get("width") or clip.visual.transformer.width
+    return clip, image_processor, int(width)
+
+
+def _clip_name_and_config(path: str) -> tuple[str, dict | None]:
+    import open_clip
+
+    file = Path(path)
+    if file.suffix == ".json" and file.is_file():
+        resolved = file.resolve()
+        if resolved not in _registered_clip_configs:
+            open_clip.add_model_config(resolved)  # registers the config under the file's stem
+            _registered_clip_configs.add(resolved)
+        return file.stem, json.loads(file.read_text(encoding="utf-8"))
+    return path, open_clip.get_model_config(path)
+
+
+def input_embeddings(lm: nn.Module) -> nn.Module:
+    """The LM's input embedding, through the family table where the class lacks the accessor
+    (MosaicGPT, the remote code of MPT-1B)."""
+    from .flamingo_lm import get_submodule, lm_family
+
+    try:
+        found = lm.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        found = None
+    family = lm_family(lm)
+    if found is None and family is not None:
+        found = get_submodule(lm, family.input_embedding)
+    if found is None:
+        raise ValueError(f"cannot find the input embedding of {type(lm).__name__}")
+    return found
+
+
+def freeze_backbones(model: Flamingo, *, freeze_lm_embeddings: bool = False) -> None:
+    """OpenFlamingo's training setup: only the resampler, the cross-attention blocks and (unless
+    ``freeze_lm_embeddings``) the LM's input embedding are trainable."""
+    model.requires_grad_(False)
+    model.perceiver.requires_grad_(True)
+    for block in model.gated_cross_attn_layers:
+        block.requires_grad_(True)
+    if not freeze_lm_embeddings:
+        input_embeddings(model.lang_encoder).requires_grad_(True)
