@@ -21,6 +21,7 @@ _API = {
     "OutputExistsError": "errors",
     "UsageError": "errors",
     "HubError": "errors",
+    "DiskFullError": "errors",
     "IntegrityError": "errors",
     "LoadRefusedError": "errors",
     "TensorMeta": "meta",

@@ -311,9 +311,10 @@ def serve_command(folder, host, port):
 def scan(source: str, fmt: str) -> None:
     """List what a pickle checkpoint would import and call, without running it.
 
-    Walks the opcodes of every pickle in SOURCE (a torch zip file, a legacy torch file or a plain
-    pickle; local or hf://) and checks each global against the allow-list of
-    torch.load(weights_only=True). Exit 0 when safe, 1 when unsafe, 2 when unreadable.
+    Walks the opcodes of every pickle in SOURCE (a torch zip file, a legacy torch file, a plain
+    pickle, or a folder or *.index.json of them; local or hf://) and checks each global against
+    the allow-list of torch.load(weights_only=True). Exit 0 when safe, 1 when unsafe, 2 when
+    unreadable.
 
     \b
     Example:

@@ -65,6 +65,10 @@ class Checkpoint:
     def __len__(self) -> int:
         return len(self._metas)
 
+    def extra_values(self) -> dict[str, object]:
+        """{name in ``extras``: the value itself} where the format keeps it (torch pickles); else {}."""
+        return {}
+
     def alias_of(self) -> dict[str, str]:
         """{alias name: first name of its group} for every non-first member of an alias group."""
         return {name: group[0] for group in self.aliases for name in group[1:]}

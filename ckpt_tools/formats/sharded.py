@@ -84,6 +84,9 @@ class ShardedCheckpoint(Checkpoint):
             if part.wrapper and not self.wrapper:
                 self.wrapper = part.wrapper
 
+    def extra_values(self) -> dict[str, object]:
+        return {f"{shard}:{k}": v for shard, part in self._shards.items() for k, v in part.extra_values().items()}
+
     def _load_tensor(self, key: str):
         return self._where[key].tensor(key)
 

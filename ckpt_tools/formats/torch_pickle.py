@@ -32,8 +32,14 @@ def sniff_legacy(head: bytes) -> bool:
     return head.startswith(LEGACY_MAGIC)
 
 
-def _unsafe(source: str, exc: Exception, fileobj_or_path) -> UnsafePickleError:
+def _unsafe(source: str, exc: Exception, fileobj_or_path) -> Exception:
     names = _offending_globals(fileobj_or_path)
+    if not names:
+        # torch also refuses garbage and unknown opcodes with this message; only a scan that
+        # found a forbidden import makes the file "unsafe" rather than damaged
+        from ..scan import unsafe_pickle_error
+
+        return unsafe_pickle_error(fileobj_or_path, source, exc)
     listed = ", ".join(names) if names else str(exc).splitlines()[0][:200]
     return UnsafePickleError(
         f"the pickle needs globals that safe (weights_only) loading refuses: {listed}; it was not executed",
@@ -79,6 +85,7 @@ class TorchCheckpoint(Checkpoint):
         self.format = fmt
         state, self.wrapper, self.extras = unwrap(obj, source)
         self._state = state
+        self._root = obj  # the extras' values (convert --extras); costs nothing, torch.load made it
         self._metas = {name: TensorMeta.from_tensor(name, t) for name, t in state.items()}
         self.aliases = _alias_groups(state)
 
@@ -91,8 +98,18 @@ class TorchCheckpoint(Checkpoint):
                              key=key, fix="download the file first (ckpt download) and open the local copy")
         return tensor
 
+    def extra_values(self) -> dict[str, object]:
+        values: dict[str, object] = {}
+        obj, prefix = self._root, ""
+        for part in self.wrapper.split(".") if self.wrapper else []:
+            values.update({prefix + str(k): v for k, v in obj.items() if k != part})
+            prefix, obj = prefix + part + ".", obj[part]
+        values.update({prefix + str(k): v for k, v in obj.items() if prefix + str(k) in self.extras})
+        return values
+
     def close(self) -> None:
         self._state = {}
+        self._root = None
 
 
 def _alias_groups(state: Mapping) -> list[list[str]]:
@@ -109,10 +126,16 @@ def _alias_groups(state: Mapping) -> list[list[str]]:
 
 
 def open_zip_path(path: Path, source: str) -> TorchCheckpoint:
+    from ..scan import check_zip_records
+
+    check_zip_records(path, source)  # torch would inflate a compressed record fully in memory
     return TorchCheckpoint(source, _torch_load(source, str(path), mmap=True, map_location="cpu"), "torch-zip")
 
 
 def open_zip_fileobj(fileobj: BinaryIO, source: str, size: int) -> TorchCheckpoint:
+    from ..scan import check_zip_records
+
+    check_zip_records(fileobj, source)
     return TorchCheckpoint(source, _torch_load(source, fileobj, map_location="meta"), "torch-zip")
 
 

@@ -1,0 +1,105 @@
+"""`ckpt convert` and `ckpt remap`: exit codes, JSON, flags reaching the library."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+def _train_pt(path) -> None:
+    torch.save({"model_state_dict": {"module.enc.w": torch.arange(6.0).reshape(2, 3), "module.b": torch.ones(2)},
+                "optimizer_state_dict": {"state": {}}, "epoch": 3}, path)
+
+
+def test_convert_json(tmp_path, run_cli):
+    _train_pt(tmp_path / "t.pt")
+    out = tmp_path / "t.safetensors"
+    result = run_cli("convert", tmp_path / "t.pt", out, "--preset", "ddp", "--drop", "b",
+                     "--extras", tmp_path / "e.json", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["source"] == str(tmp_path / "t.pt") and data["destination"] == str(out)
+    assert data["files"] == [str(out)] and data["tensors"] == 1
+    assert data["renamed"] == {"module.enc.w": "enc.w"} and data["dropped"] == ["module.b"]
+    assert data["aliases_removed"] == {} and data["verified"] is True
+    assert data["bytes_written"] == os.path.getsize(out)
+    assert json.loads((tmp_path / "e.json").read_text()) == {"epoch": 3, "optimizer_state_dict": {"state": {}}}
+    with safe_open(str(out), "pt") as f:
+        assert list(f.keys()) == ["enc.w"]
+
+
+def test_convert_dtype_shards_and_no_verify(tmp_path, run_cli):
+    save_file({f"w{i}": torch.full((10,), float(i)) for i in range(3)}, tmp_path / "s.safetensors")
+    result = run_cli("convert", tmp_path / "s.safetensors", tmp_path / "out", "--dtype", "fp16",
+                     "--max-shard-size", "20B", "--no-verify", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["verified"] is False and data["dtype"] == "F16" and len(data["files"]) == 4
+    with safe_open(str(tmp_path / "out" / "model-00002-of-00003.safetensors"), "pt") as f:
+        assert f.get_tensor("w1").dtype == torch.float16
+
+
+def test_convert_refuses_overwrite_with_exit_2(tmp_path, run_cli):
+    save_file({"a": torch.ones(1)}, tmp_path / "s.safetensors")
+    (tmp_path / "o.safetensors").write_text("x")
+    result = run_cli("convert", tmp_path / "s.safetensors", tmp_path / "o.safetensors")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and "--force" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert run_cli("convert", tmp_path / "s.safetensors", tmp_path / "o.safetensors", "--force").exit_code == 0
+
+
+def test_convert_collision_and_bad_size_exit_2(tmp_path, run_cli):
+    torch.save({"module.x": torch.ones(1), "x": torch.ones(1)}, tmp_path / "c.pt")
+    result = run_cli("convert", tmp_path / "c.pt", tmp_path / "o.safetensors", "--strip-prefix", "module.")
+    assert result.exit_code == 2 and "'module.x'" in result.stderr
+    result = run_cli("convert", tmp_path / "c.pt", tmp_path / "out", "--max-shard-size", "lots")
+    assert result.exit_code == 2 and "invalid size" in result.stderr
+    result = run_cli("convert", tmp_path / "missing.pt", tmp_path / "o.safetensors")
+    assert result.exit_code == 2
+    assert sorted(os.listdir(tmp_path)) == ["c.pt"]
+
+
+def test_convert_table_and_markdown(tmp_path, run_cli):
+    shared = torch.ones(2)
+    torch.save({"a": shared, "b": shared}, tmp_path / "t.pt")
+    table = run_cli("convert", tmp_path / "t.pt", tmp_path / "o.safetensors")
+    assert table.exit_code == 0 and "aliases removed" in table.stdout and "bit for bit" in table.stdout
+    markdown = run_cli("convert", tmp_path / "t.pt", tmp_path / "o.safetensors", "--force", "--format", "markdown")
+    assert "| b | a |" in markdown.stdout
+
+
+def test_remap_cli_rules_file(tmp_path, run_cli):
+    _train_pt(tmp_path / "t.pt")
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\npreset = "ddp"\n\n[[rule]]\nrename = ["^enc\\\\.", "encoder."]\n')
+    result = run_cli("remap", tmp_path / "t.pt", tmp_path / "o.pt", "--rules", rules, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["renamed"] == {"module.enc.w": "encoder.w", "module.b": "b"}
+    assert data["format"] == "torch-zip" and data["unmatched_rules"] == []
+    loaded = torch.load(tmp_path / "o.pt", weights_only=True)
+    assert sorted(loaded["model_state_dict"]) == ["b", "encoder.w"] and loaded["epoch"] == 3
+
+
+def test_remap_cli_reports_unmatched_rules(tmp_path, run_cli):
+    save_file({"a": torch.ones(1)}, tmp_path / "s.safetensors")
+    result = run_cli("remap", tmp_path / "s.safetensors", tmp_path / "o.safetensors", "--preset", "ddp")
+    assert result.exit_code == 0
+    assert "rule matched nothing" in result.stdout and "module." in result.stdout
+
+
+def test_remap_unknown_preset_exit_2(tmp_path, run_cli):
+    save_file({"a": torch.ones(1)}, tmp_path / "s.safetensors")
+    result = run_cli("remap", tmp_path / "s.safetensors", tmp_path / "o.safetensors", "--preset", "nope")
+    assert result.exit_code == 2 and "unknown remap preset" in result.stderr
+
+
+def test_help_has_examples(run_cli):
+    for command in ("convert", "remap"):
+        result = run_cli(command, "--help")
+        assert result.exit_code == 0 and "Example:" in result.stdout
