@@ -16,6 +16,9 @@ _API = {
     "specs": "registry",
     "tiny_model_and_transforms": "registry",
     "tiny_tokenizer": "registry",
+    "save_tiny_assets": "registry",
+    "trained_state_dict": "trained",
+    "make_trained_looking": "trained",
     "ResamplerConfig": "config",
     "CrossAttentionConfig": "config",
 }

@@ -10,12 +10,17 @@ is off by default: every supported family has a native transformers class.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ckpt_tools.provenance import WeightSource, record
 
 from .config import FLAMINGO_SPECIAL_TOKENS, PAD_TOKEN
 from .flamingo import Flamingo
@@ -65,8 +70,8 @@ def create_model_and_transforms(
                                revision=tokenizer_revision or (lang_encoder_revision
                                                                if tokenizer_path == lang_encoder_path else None),
                                **hub)
-    lang_encoder = load_lang_encoder(lang_encoder_path, revision=lang_encoder_revision, device=device,
-                                     dtype=dtype, **hub)
+    lang_encoder, lm_missing = load_lang_encoder(lang_encoder_path, revision=lang_encoder_revision,
+                                                 device=device, dtype=dtype, with_missing=True, **hub)
     # growing a meta embedding cannot sample new rows from the old ones' statistics
     lang_encoder.resize_token_embeddings(len(tokenizer), **({"mean_resizing": False} if on_meta else {}))
     with torch.device(device) if on_meta else contextlib.nullcontext():
@@ -77,6 +82,10 @@ def create_model_and_transforms(
                          decoder_layers_attr_name=decoder_layers_attr_name, **flamingo_kwargs)
     model.to(device=device, dtype=dtype)
     freeze_backbones(model, freeze_lm_embeddings=freeze_lm_embeddings)
+    if not on_meta:
+        record_sources(model, vision=vision_source(clip_vision_encoder_path, clip_vision_encoder_pretrained),
+                       lang=lang_source(lang_encoder_path, lang_encoder_revision, cache_dir=cache_dir),
+                       lang_missing=lm_missing)
     return model, image_processor, tokenizer
 
 
@@ -97,17 +106,20 @@ def load_tokenizer(path: str, *, revision: str | None = None, **hub: Any):
 
 
 def load_lang_encoder(path: str, *, revision: str | None = None, device: torch.device,
-                      dtype: torch.dtype | None = None, **hub: Any) -> nn.Module:
-    """The causal LM from a hub id or folder; on the meta device from its config alone."""
+                      dtype: torch.dtype | None = None, with_missing: bool = False, **hub: Any):
+    """The causal LM from a hub id or folder; on the meta device from its config alone.
+    ``with_missing``: return ``(lm, names the weights did not hold)`` instead, those being random."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if device.type == "meta":
         config = AutoConfig.from_pretrained(path, revision=revision, **hub)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(
-                config, trust_remote_code=hub.get("trust_remote_code", False))
+            lm = AutoModelForCausalLM.from_config(config, trust_remote_code=hub.get("trust_remote_code", False))
+        return (lm, set(lm.state_dict())) if with_missing else lm
     # OpenFlamingo computed in fp32; transformers 5 would otherwise pick the file's dtype
-    return AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype or torch.float32, **hub)
+    lm, info = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype or torch.float32,
+                                                    output_loading_info=True, **hub)
+    return (lm, set(info.get("missing_keys", ()))) if with_missing else lm
 
 
 def load_vision_encoder(path: str, pretrained: str | None, *, device: torch.device,
@@ -162,3 +174,71 @@ def freeze_backbones(model: Flamingo, *, freeze_lm_embeddings: bool = False) -> 
         block.requires_grad_(True)
     if not freeze_lm_embeddings:
         input_embeddings(model.lang_encoder).requires_grad_(True)
+
+
+# -- where the weights came from (ckpt_tools.provenance) --
+
+# a vision weights file up to this size is hashed; a bigger one is named without its digest, so
+# building a model never spends seconds reading a file twice
+HASH_LIMIT_BYTES = 256 * 2**20
+_COMMIT = re.compile(r"snapshots/([0-9a-f]{40})/")
+
+
+def vision_source(path: str, pretrained: str | None) -> WeightSource | None:
+    """Where open_clip took the vision tower's weights from; None when it initialised them randomly."""
+    schema, _, identifier = path.partition(":") if path.startswith(("hf-hub:", "local-dir:")) else ("", "", path)
+    if schema == "hf-hub":
+        return WeightSource("hub", identifier)  # open_clip ignores `pretrained` and loads the repo's weights
+    if schema == "local-dir":
+        return WeightSource("file", identifier)
+    if not pretrained:
+        return None
+    import open_clip
+
+    name = Path(path).stem if path.endswith(".json") else path
+    file = Path(pretrained)
+    # open_clip tries a known tag before a file of that name
+    if not open_clip.get_pretrained_cfg(name, pretrained) and file.is_file():
+        digest = _sha256(file) if file.stat().st_size <= HASH_LIMIT_BYTES else None
+        return WeightSource("file", str(file), sha256=digest)
+    return WeightSource("pretrained", f"{name}/{pretrained}")
+
+
+def lang_source(path: str, revision: str | None = None, *, cache_dir: str | None = None) -> WeightSource:
+    """The LM's folder, or its hub id at the commit the hub cache resolved ``revision`` to."""
+    if Path(path).is_dir():
+        return WeightSource("file", str(path))
+    return WeightSource("hub", path, revision=_cached_commit(path, revision, cache_dir) or revision)
+
+
+def record_sources(model: nn.Module, *, vision: WeightSource | None, lang: WeightSource,
+                   lang_missing: Collection[str] = ()) -> None:
+    """Record the backbones' sources on ``model``; what the factory created (resampler,
+    cross-attention, anything the LM's weights lacked) stays unrecorded, i.e. random. The input
+    embedding counts as the LM's although resizing added random rows: the trained checkpoint
+    replaces the whole embedding."""
+    names = [name for name, _ in model.named_parameters()]
+    if vision is not None:
+        record(model, vision, [n for n in names if n.startswith("vision_encoder.")])
+    missing = {f"lang_encoder.{n}" for n in lang_missing}
+    record(model, lang, [n for n in names if n.startswith("lang_encoder.") and n not in missing
+                         and ".gated_cross_attn_layer." not in n])
+
+
+def _cached_commit(repo_id: str, revision: str | None, cache_dir: str | None) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision)
+    except ValueError:  # not a repo id (a path that does not exist)
+        return None
+    match = _COMMIT.search(Path(found).as_posix()) if isinstance(found, str) else None
+    return match.group(1) if match else None
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -29,6 +29,7 @@ from . import checks
 from .config import LM_FAMILIES, LMFamily
 
 VIT_L_14 = "ViT-L-14"
+FACTORY = "model.factory:create_model_and_transforms"
 
 _MPT_1B = {"model_type": "mpt", "d_model": 2048, "n_heads": 16, "n_layers": 24, "expansion_ratio": 4,
            "max_seq_len": 2048, "vocab_size": 50432, "no_bias": True, "tie_word_embeddings": True}
@@ -73,6 +74,7 @@ class FlamingoSpec:
     remap: tuple[Mapping[str, Any], ...] = ()
     notes: str = ""
     seed: int | None = None  # fixed init (the tiny model), so demos are reproducible
+    assets: str | None = None  # ``module:function(folder) -> paths`` writing the parts the factory reads
 
     @property
     def family(self) -> LMFamily:
@@ -106,6 +108,7 @@ class FlamingoSpec:
             "decoder_layers_attr_name": self.family.decoder_layers,
             "tokenizer_length": self.tokenizer_length,
             "lm_config": dict(self.lm_config), "notes": self.notes,
+            "factory": FACTORY, "assets": self.assets,
         }
 
 
@@ -214,6 +217,7 @@ TINY = FlamingoSpec(
     name="openflamingo-tiny", lm_config=TINY_LM_CONFIG, cross_attn_every_n_layers=TINY_EVERY_N,
     tokenizer_length=len(TINY_WORDS) + 3, eoc_token_id=len(TINY_WORDS), media_token_id=len(TINY_WORDS) + 1,
     vision_encoder=TINY_CLIP_CONFIG, vision_pretrained=None, filename=None, seed=0,
+    assets="model.registry:save_tiny_assets",
     description="tiny OpenFlamingo (32x32 images, 4-layer MPT-style LM, word-level tokenizer), fully offline",
     notes="weights are random (seed 0); for tests and demos")
 
@@ -237,23 +241,31 @@ def tiny_tokenizer(*, with_flamingo_tokens: bool = True):
 
 def save_tiny_assets(folder: str | Path) -> dict[str, Path]:
     """Write the tiny model's parts the way ``create_model_and_transforms`` reads them: an open_clip
-    config JSON (``clip``) and an LM folder with config, weights and the plain tokenizer (``lm``).
-    ``create_model_and_transforms(paths["clip"], None, paths["lm"], paths["lm"],
-    cross_attn_every_n_layers=TINY_EVERY_N)`` then builds the tiny architecture."""
+    config JSON (``clip``), its weights as an open_clip checkpoint file (``clip_pretrained``) and an
+    LM folder with config, weights and the plain tokenizer (``lm``).
+    ``create_model_and_transforms(paths["clip"], paths["clip_pretrained"], paths["lm"], paths["lm"],
+    cross_attn_every_n_layers=TINY_EVERY_N)`` then builds the tiny model with pretrained backbones:
+    only the resampler, the cross-attention and the added embedding rows are random."""
+    import open_clip
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     clip = folder / "tiny-vit.json"
     clip.write_text(json.dumps(TINY_CLIP_CONFIG, indent=2), encoding="utf-8")
+    clip_weights = folder / "tiny-vit.safetensors"
     lm_dir = folder / "tiny-lm"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY.seed or 0)
+        # the whole CLIP: open_clip loads a pretrained file into both towers, strictly
+        clip_state = open_clip.CLIP(**TINY_CLIP_CONFIG).state_dict()
         lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LM_CONFIG))
+    save_file({name: tensor.contiguous() for name, tensor in clip_state.items()}, clip_weights)
     lm.save_pretrained(lm_dir)
     tiny_tokenizer(with_flamingo_tokens=False).save_pretrained(lm_dir)
-    return {"clip": clip, "lm": lm_dir}
+    return {"clip": clip, "clip_pretrained": clip_weights, "lm": lm_dir}
 
 
 def tiny_model_and_transforms(device: Any = "cpu", dtype: Any = None):
