@@ -75,6 +75,7 @@ class FlamingoSpec:
     notes: str = ""
     seed: int | None = None  # fixed init (the tiny model), so demos are reproducible
     assets: str | None = None  # ``module:function(folder) -> paths`` writing the parts the factory reads
+    demo: str | None = None  # ``module:Class`` that ``ckpt demo`` drives (see model/demo.py)
 
     @property
     def family(self) -> LMFamily:
@@ -109,6 +110,7 @@ class FlamingoSpec:
             "tokenizer_length": self.tokenizer_length,
             "lm_config": dict(self.lm_config), "notes": self.notes,
             "factory": FACTORY, "assets": self.assets,
+            "demo": self.demo,
         }
 
 
@@ -217,7 +219,7 @@ TINY = FlamingoSpec(
     name="openflamingo-tiny", lm_config=TINY_LM_CONFIG, cross_attn_every_n_layers=TINY_EVERY_N,
     tokenizer_length=len(TINY_WORDS) + 3, eoc_token_id=len(TINY_WORDS), media_token_id=len(TINY_WORDS) + 1,
     vision_encoder=TINY_CLIP_CONFIG, vision_pretrained=None, filename=None, seed=0,
-    assets="model.registry:save_tiny_assets",
+    assets="model.registry:save_tiny_assets", demo="model.demo:TinyDemo",
     description="tiny OpenFlamingo (32x32 images, 4-layer MPT-style LM, word-level tokenizer), fully offline",
     notes="weights are random (seed 0); for tests and demos")
 
