@@ -74,6 +74,11 @@ class HubError(CkptError, OSError):
     """The hub (or a mirror) refused or failed a request after retries."""
 
 
+class DiskFullError(CkptError, OSError):
+    """A write was refused for lack of room (disk full, quota, file size limit); nothing was kept
+    under its final name."""
+
+
 class IntegrityError(CkptError, ValueError):
     """Bytes differ from what was promised (hash, size, lock file). The check ran and failed."""
 

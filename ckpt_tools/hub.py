@@ -11,12 +11,15 @@ the client since 1.18 deletes a partial file when the process dies and never has
   the ETag / LFS oid, the size, and the lock file; bad bytes are deleted, never renamed into place;
 - retries use exponential backoff with jitter and honour ``Retry-After``;
 - an ``flock`` per blob (the same lock file huggingface_hub uses) keeps two processes apart;
-- a branch or tag is resolved to a commit once, before any file, and every file comes from it.
+- a branch or tag is resolved to a commit once, before any file, and every file comes from it;
+- Ctrl-C stops every transfer at its next chunk and keeps its partial file to resume; a full disk
+  (or quota, or file size limit) is a ``DiskFullError`` naming the partial file, never a retry.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -33,13 +36,15 @@ from dataclasses import asdict, dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from .errors import HubError, IntegrityError, UsageError
+from .errors import DiskFullError, HubError, IntegrityError, UsageError
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1024 * 1024  # small enough that a killed process loses little unwritten data
 HASH_CHUNK = 8 * 1024 * 1024
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# A write refused for lack of room (a full disk, a quota, a file size limit): retrying cannot help.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
 
 # -- results -------------------------------------------------------------------------------------
@@ -117,6 +122,10 @@ class _Transient(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class _Cancelled(Exception):
+    """The call was interrupted; the main thread re-raises the KeyboardInterrupt itself."""
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -356,6 +365,8 @@ class _Call:
     progress: _Progress
     headers: dict = field(default_factory=dict)
     local: threading.local = field(default_factory=threading.local)
+    # Set on Ctrl-C: workers stop at their next chunk, leaving a resumable partial file.
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
     def session(self):
         import requests
@@ -407,7 +418,13 @@ def download(repo_id: str, filenames: Sequence[str] = (), *, revision: str = "ma
         with ThreadPoolExecutor(workers, thread_name_prefix="ckpt-download") as pool:
             futures = [pool.submit(_fetch, call, path, first_meta if i == 0 else None)
                        for i, path in enumerate(requested)]
-            files = [f.result() for f in futures]
+            try:
+                files = [f.result() for f in futures]
+            except KeyboardInterrupt:
+                # Without this the pool's exit would wait for every transfer to finish after Ctrl-C.
+                call.cancelled.set()
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     if not locked:
         layout.write_ref(revision, call.commit)
     result = DownloadResult(repo_id, call.revision, call.commit, files)
@@ -617,9 +634,16 @@ def _transfer(call: _Call, path: str, url: str, expect: _Expect) -> tuple[str, i
     task = call.progress.add(path, expect.size, state.offset)
     state.on_bytes = lambda n: call.progress.advance(task, n)
     try:
-        state.run()
-    finally:
-        state.close()
+        try:
+            state.run()
+        finally:
+            state.close()
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS:
+            raise
+        raise DiskFullError(f"no room to write the download ({exc.strerror or exc})", path=str(partial), key=path,
+                            fix="free disk space (or raise the file size limit) and run the command again: "
+                                "the download resumes from this partial file") from exc
     problems = hashers.problems(state.offset)
     if problems:
         partial.unlink(missing_ok=True)  # the bad bytes never become the blob, nor a resume point
@@ -681,7 +705,8 @@ class _Stream:
                 if attempt >= policy.attempts:
                     raise HubError(f"download failed after {policy.attempts} attempts ({transient})",
                                    path=self.url, fix="run the same command again: it resumes where it stopped") from exc
-                time.sleep(policy.delay(attempt, transient.retry_after))
+                if self.call.cancelled.wait(policy.delay(attempt, transient.retry_after)):
+                    raise _Cancelled() from exc
 
     def _get_once(self) -> bool:
         """One GET from the current offset to the end; True when the file is complete."""
@@ -737,6 +762,8 @@ class _Stream:
         sink = _Sink(self.file, self.hashers)
         try:
             while True:
+                if self.call.cancelled.is_set():
+                    raise _Cancelled()
                 data = resp.raw.read1(CHUNK)  # whatever arrived: the partial file grows as bytes come in
                 if not data:
                     break
