@@ -11,6 +11,7 @@ import tempfile
 
 _HF_HOME = tempfile.mkdtemp(prefix="ckpt-tests-hf-")
 os.environ["HF_HOME"] = _HF_HOME
+os.environ["CKPT_CACHE"] = os.path.join(_HF_HOME, "ckpt-tools-cache")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_OFFLINE"] = os.environ.get("HF_HUB_OFFLINE", "0")
 os.environ.pop("CKPT_DEBUG", None)

@@ -15,7 +15,7 @@ from ckpt_tools.presets import available_presets
 from ckpt_tools.remap import apply_remap, rules_from_dicts
 from model import checks, registry
 
-REFERENCE = Path("/work/shared/reference/openflamingo-released-keys.json")
+REFERENCE = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "data" / "openflamingo-released-keys.json"
 PUBLISHED = [spec.name for spec in registry.PUBLISHED]
 
 
