@@ -67,6 +67,13 @@ def emit(report, fmt: str) -> None:
 class CkptGroup(click.Group):
     """Maps library errors to one line and an exit code."""
 
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:  # Ctrl-C while arguments are parsed: click alone would say "Aborted!", exit 1
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)

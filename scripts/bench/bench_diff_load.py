@@ -157,8 +157,9 @@ def load_runs(mode: str, path: Path, args) -> dict:
     runs = [child(_CHILD, mode, str(path), str(args.scale), PRESET) for _ in range(args.runs)]
     out = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "extra_anon", "maxrss")}
     out["last"] = runs[-1]
-    print(f"  {mode:8s} {path.name}: {out['wall_s']:.2f} s, extra RssAnon {out['extra_anon'] / 2**20:.0f} MB "
-          f"({runs[-1]})", flush=True)
+    walls = ", ".join(f"{r['wall_s']:.2f}" for r in runs)
+    print(f"  {mode:8s} {path.name}: median {out['wall_s']:.2f} s ({walls}), extra RssAnon "
+          f"{out['extra_anon'] / 2**20:.0f} MB ({runs[-1]})", flush=True)
     return out
 
 
@@ -181,7 +182,7 @@ def bench_diff(args) -> None:
     inner = child(_DIFF_CHILD, PRESET, str(path), str(DIFF_REPEATS))
     print(f"  diff in-process: skeleton {inner['build_s']:.2f} s, diff {inner['diff_s'] * 1000:.1f} ms, "
           f"verdict {inner['verdict']}", flush=True)
-    verdict = f"verdict {inner['verdict']} (at scale != 1 the shapes are scaled, so shape mismatches are expected)"
+    verdict = f"verdict {inner['verdict']}" + (" (shapes scaled: mismatches expected)" if args.scale != 1.0 else "")
     harness.record(args, harness.result(
         "diff_load", f"ckpt diff 3B layout --model {PRESET}, skeleton built (incl. imports)", uncached, args=args,
         max_seconds=10, size_bytes=path.stat().st_size, notes=verdict))

@@ -1,0 +1,863 @@
+"""diff_keys(checkpoint, target) -> KeyReport: which checkpoint tensors a model would take, and why not.
+
+Both sides become a ``Side``: TensorMeta per name plus alias groups (names that are one tensor).
+A target tensor reachable under several names is covered when any name is present; a checkpoint
+tensor stored under several names counts once. Each target tensor gets one status:
+
+- ``matched``             same name, shape and dtype
+- ``dtype_mismatch``      same shape, other dtype: loads with a cast
+- ``shape_mismatch``      would crash ``load_state_dict``: excluded from a load
+- ``missing_expected``    not in the checkpoint, and allowed to be (frozen, --expect-missing, preset)
+- ``missing_unexpected``  a trained parameter (or a --require glob) the checkpoint does not cover
+
+and each checkpoint tensor that lands nowhere is ``unexpected``. The verdict fails on shape
+mismatches, unexpected missing keys and unexpected keys; a dtype cast is reported, not failed.
+Nothing here raises on the first problem: every problem is collected, with a fix where one can be
+inferred (a prefix, a known rename, a layer interval, an embedding size, the preset's hints).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .meta import TensorMeta
+from .naming import collapse, format_numbers, module_prefix
+from .render import human_count, markdown_table, rich_table
+
+STATUSES = ("matched", "dtype_mismatch", "shape_mismatch", "missing_expected", "missing_unexpected")
+COUNT_NAMES = ("matched", "dtype_mismatch", "shape_mismatch", "unexpected", "missing_expected",
+               "missing_unexpected")
+FAILING_KINDS = frozenset({"shape_mismatch", "missing_unexpected", "unexpected", "load"})
+LOADABLE = frozenset({"matched", "dtype_mismatch"})
+
+# Module renames made by libraries between releases: (old segment, new segment, why).
+KNOWN_RENAMES: tuple[tuple[str, str, str], ...] = (
+    ("embed_out", "lm_head", "transformers 5 renamed GPT-NeoX's output head"),
+    ("gamma", "weight", "old LayerNorm checkpoints"),
+    ("beta", "bias", "old LayerNorm checkpoints"),
+)
+# Names of token-embedding-like tensors: a first-dimension mismatch there is a tokenizer length.
+EMBEDDING_GLOBS = ("*embed*", "*wte*", "*lm_head*", "*word_embeddings*")
+# How many problem groups / coverage rows a table shows before it says "and N more".
+MAX_GROUPS = 12
+
+
+# ---------------------------------------------------------------------------------------------
+# the two sides
+
+
+@dataclass
+class Side:
+    """One side of a diff: tensors by name, alias groups, and which names are trained."""
+
+    label: str
+    metas: dict[str, TensorMeta]
+    groups: list[list[str]]  # every name in exactly one group, first name = canonical
+    trainable: dict[str, bool] | None = None  # None: unknown (a checkpoint), treat as required
+    model: Any = None  # the nn.Module, when the side is one
+    preset: Any = None  # the ModelPreset it came from, if any
+
+
+def _groups_from_aliases(names: Iterable[str], aliases: Iterable[Sequence[str]]) -> list[list[str]]:
+    first_of: dict[str, list[str]] = {}
+    for group in aliases:
+        members = list(group)
+        for name in members:
+            first_of[name] = members
+    seen: set[str] = set()
+    out: list[list[str]] = []
+    for name in names:
+        if name in seen:
+            continue
+        group = [n for n in first_of.get(name, [name]) if n not in seen] or [name]
+        seen.update(group)
+        out.append(group)
+    return out
+
+
+def _tensor_identity(tensor) -> tuple:
+    if tensor.device.type == "meta" or tensor.data_ptr() == 0:
+        return ("id", id(tensor))
+    return ("ptr", tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+
+
+def _side_from_state(label: str, state: Mapping[str, Any], trainable: dict[str, bool] | None,
+                     model: Any = None) -> Side:
+    by_identity: dict[tuple, list[str]] = {}
+    for name, tensor in state.items():
+        by_identity.setdefault(_tensor_identity(tensor), []).append(name)
+    metas = {name: TensorMeta.from_tensor(name, t) for name, t in state.items()}
+    return Side(label, metas, list(by_identity.values()), trainable, model)
+
+
+def module_side(model, label: str | None = None) -> Side:
+    """Parameters and persistent buffers of a model (real or meta), with its tied names."""
+    import torch
+
+    # state_dict(keep_vars=True) lists every name load_state_dict expects, including names a
+    # shared submodule is reachable under, and leaves out non-persistent buffers.
+    state = model.state_dict(keep_vars=True)
+    trainable = {name: isinstance(t, torch.nn.Parameter) and t.requires_grad for name, t in state.items()}
+    return _side_from_state(label or type(model).__name__, state, trainable, model)
+
+
+def checkpoint_side(ckpt) -> Side:
+    return Side(ckpt.source, ckpt.metas(), _groups_from_aliases(ckpt.keys(), ckpt.aliases))
+
+
+def mapping_side(mapping: Mapping[str, Any], label: str) -> Side:
+    """A mapping of TensorMeta, or a state dict of tensors (ties found by storage)."""
+    values = list(mapping.values())
+    if all(isinstance(v, TensorMeta) for v in values):
+        metas = {k: (v if v.name == k else v.renamed(k)) for k, v in mapping.items()}
+        return Side(label, metas, [[k] for k in metas])
+    return _side_from_state(label, mapping, None)
+
+
+def _is_module(obj) -> bool:
+    return hasattr(obj, "state_dict") and hasattr(obj, "named_parameters")
+
+
+def _open_source(source) -> tuple[Side, Any]:
+    """A checkpoint side from a Checkpoint, a path/hf:// reference, or a mapping; returns the
+    Checkpoint when one was opened here (the caller closes it)."""
+    from .reader import Checkpoint, open_checkpoint
+
+    if isinstance(source, Checkpoint):
+        return checkpoint_side(source), None
+    if isinstance(source, Mapping):
+        return mapping_side(source, "checkpoint"), None
+    if isinstance(source, str | Path):
+        ckpt = open_checkpoint(source)
+        return checkpoint_side(ckpt), ckpt
+    raise UsageError(f"cannot diff a {type(source).__name__}",
+                     fix="pass a path, an hf:// reference, a Checkpoint or a mapping of TensorMeta")
+
+
+def resolve_target(target) -> Side:
+    """A target side from a model, a preset (name or ModelPreset), a model-config file, another
+    checkpoint (path, hf:// reference or Checkpoint) or a mapping."""
+    from .presets import ModelPreset
+    from .reader import Checkpoint
+
+    if isinstance(target, Side):
+        return target
+    if _is_module(target):
+        return module_side(target)
+    if isinstance(target, ModelPreset):
+        return preset_side(target)
+    if callable(target):  # a deferred target: built only once the checkpoint opened fine
+        return resolve_target(target())
+    if isinstance(target, Checkpoint | Mapping):
+        return _open_source(target)[0]
+    if not isinstance(target, str | Path):
+        raise UsageError(f"cannot diff against a {type(target).__name__}",
+                         fix="pass an nn.Module, a preset name, a model config file, a checkpoint or a mapping")
+    text = str(target)
+    if is_model_config(text):
+        from .modelconfig import build_from_config
+
+        return module_side(build_from_config(text, device="meta"), label=text)
+    if not text.startswith("hf://") and not Path(text).exists():
+        return preset_side(text)  # get_preset raises with the list of known presets
+    side, ckpt = _open_source(text)
+    ckpt.close()
+    return side
+
+
+def target_from_options(model: str | None = None, model_config: str | None = None,
+                        against: str | None = None) -> Callable[[], Side]:
+    """The target of ``ckpt diff`` (exactly one of a preset name, a model-config file, a checkpoint),
+    deferred: ``diff_keys`` builds it after the checkpoint opened, so a bad path fails fast."""
+    given = [v for v in (model, model_config, against) if v is not None]
+    if len(given) != 1:
+        raise UsageError("give exactly one target: --model PRESET, --model-config FILE or --against SOURCE",
+                         fix="e.g. ckpt diff checkpoint.pt --model openflamingo-3b-vitl-mpt1b")
+
+    def build() -> Side:
+        if model is not None:
+            return preset_side(model)
+        if model_config is not None:
+            from .modelconfig import build_from_config
+
+            return module_side(build_from_config(model_config, device="meta"), label=str(model_config))
+        side, ckpt = _open_source(against)
+        ckpt.close()
+        return side
+
+    return build
+
+
+def is_model_config(path: str | Path) -> bool:
+    """A .json/.toml file that is not a sharded checkpoint's index."""
+    path = Path(path)
+    return path.suffix in (".json", ".toml") and not path.name.endswith(".index.json") and path.is_file()
+
+
+def preset_side(preset, *, cached: bool = True) -> Side:
+    """The key listing of a preset's meta-device skeleton (from the skeleton cache when possible)."""
+    from .presets import ModelPreset, get_preset
+    from .skeleton import preset_listing
+
+    if not isinstance(preset, ModelPreset):
+        preset = get_preset(str(preset))
+
+    def build() -> Side:
+        return module_side(preset.build(device="meta"), label=preset.name)
+
+    side = preset_listing(preset, build) if cached else build()
+    side.preset = preset
+    return side
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+
+
+@dataclass
+class Problem:
+    kind: str
+    key: str
+    detail: str
+    fix: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "key": self.key, "detail": self.detail, "fix": self.fix}
+
+
+@dataclass
+class CoverageRow:
+    module: str
+    status: str
+    keys_covered: int
+    keys_total: int
+    params_covered: int
+    params_total: int
+
+    def to_dict(self) -> dict:
+        return {"module": self.module, "status": self.status, "keys_covered": self.keys_covered,
+                "keys_total": self.keys_total, "params_covered": self.params_covered,
+                "params_total": self.params_total}
+
+    def row(self) -> list[object]:
+        return [self.module, f"{self.keys_covered}/{self.keys_total}",
+                f"{human_count(self.params_covered)}/{human_count(self.params_total)}", self.status]
+
+
+@dataclass
+class Entry:
+    """One target tensor (all its names) and what the checkpoint offers for it."""
+
+    names: list[str]
+    status: str
+    model: TensorMeta
+    ckpt_key: str | None = None  # the checkpoint's own (pre-remap) name of the source tensor
+    ckpt: TensorMeta | None = None  # its meta, under the target's name
+    reason: str = ""
+    also: list[str] = field(default_factory=list)  # other checkpoint keys covering the same tensor
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+
+@dataclass
+class KeyReport:
+    source: str
+    target: str
+    entries: list[Entry]
+    problems: list[Problem]
+    hints: list[dict]
+    coverage: list[CoverageRow]
+    unexpected: list[str] = field(default_factory=list)
+    duplicates: dict[str, str] = field(default_factory=dict)  # checkpoint alias -> name it repeats
+    dropped: list[str] = field(default_factory=list)
+    rules: list[str] = field(default_factory=list)
+    unmatched_require: list[str] = field(default_factory=list)
+    load: dict | None = None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(COUNT_NAMES, 0)
+        for entry in self.entries:
+            counts[entry.status] += 1
+        counts["unexpected"] = len(self.unexpected)
+        counts["missing_unexpected"] += len(self.unmatched_require)
+        return counts
+
+    @property
+    def verdict(self) -> str:
+        return "fail" if any(p.kind in FAILING_KINDS for p in self.problems) else "ok"
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == "ok"
+
+    def loadable(self) -> list[Entry]:
+        return [e for e in self.entries if e.status in LOADABLE]
+
+    def to_dict(self) -> dict:
+        out = {
+            "verdict": self.verdict,
+            "source": self.source,
+            "target": self.target,
+            "counts": self.counts,
+            "problems": [p.to_dict() for p in self.problems],
+            "coverage": [row.to_dict() for row in self.coverage],
+            "hints": list(self.hints),
+            "duplicates": len(self.duplicates),
+            "dropped": list(self.dropped),
+            "remap": list(self.rules),
+        }
+        if self.load is not None:
+            out["load"] = dict(self.load)
+        return out
+
+    # -- rendering --
+
+    def summary_line(self) -> str:
+        c = self.counts
+        parts = [f"{c['matched']} matched"]
+        parts += [f"{c[k]} {k.replace('_', ' ')}" for k in COUNT_NAMES[1:] if c[k]]
+        if self.duplicates:
+            parts.append(f"{len(self.duplicates)} checkpoint duplicates counted once")
+        return ", ".join(parts)
+
+    def verdict_line(self) -> str:
+        text = f"verdict: {self.verdict.upper()} ({self.summary_line()})"
+        if self.load is not None:
+            text += f"; loaded {self.load.get('loaded', 0)}, verified: {str(self.load.get('verified')).lower()}"
+        return text
+
+    def problem_groups(self) -> list[list[object]]:
+        return group_problems(self.problems)
+
+    def rich_table(self, *, with_verdict: bool = True):
+        from rich.console import Group
+        from rich.text import Text
+
+        parts: list[Any] = [Text(f"{self.source}  vs  {self.target}", style="bold")]
+        parts.append(rich_table("coverage", ["module", "keys", "params", "status"],
+                                [r.row() for r in self.coverage], justify_right=("keys", "params")))
+        groups = self.problem_groups()
+        if groups:
+            parts.append(rich_table("problems", ["kind", "keys", "n", "detail", "fix"], groups,
+                                    justify_right=("n",)))
+        for hint in self.hints:
+            parts.append(Text(f"hint: {_hint_text(hint)}"))
+        if self.load is not None:
+            parts.append(Text("load: " + _load_text(self.load)))
+        if with_verdict:
+            parts.append(Text(self.verdict_line(), style="bold green" if self.ok else "bold red"))
+        return Group(*parts)
+
+    def to_markdown(self) -> str:
+        mark = "✅" if self.ok else "❌"
+        lines = [f"### {mark} Key report: **{self.verdict}**", "",
+                 f"`{self.source}` vs `{self.target}`: {self.summary_line()}.", "",
+                 markdown_table(["module", "keys", "params", "status"], [r.row() for r in self.coverage])]
+        groups = self.problem_groups()
+        if groups:
+            lines += ["", "**Problems**", "",
+                      markdown_table(["kind", "keys", "n", "detail", "fix"],
+                                     [[k, f"`{keys}`", n, d, f"`{f}`" if f else ""] for k, keys, n, d, f in groups])]
+        if self.hints:
+            lines += [""] + [f"- hint: {_hint_text(h)}" for h in self.hints]
+        if self.load is not None:
+            lines += ["", f"**Load**: {_load_text(self.load)}"]
+        return "\n".join(lines) + "\n"
+
+
+def _hint_text(hint: Mapping) -> str:
+    text = str(hint.get("detail") or hint.get("message") or hint)
+    if hint.get("fix"):
+        text += f" (fix: {hint['fix']})"
+    return text
+
+
+def _load_text(load: Mapping) -> str:
+    bits = [f"{load.get('loaded', 0)} tensors loaded", f"verified: {str(load.get('verified')).lower()}"]
+    if load.get("skipped"):
+        bits.append(f"{len(load['skipped'])} skipped")
+    if load.get("mismatched"):
+        bits.append(f"differ after load: {', '.join(load['mismatched'][:3])}")
+    bits += [f"check: {c}" for c in load.get("checks", [])]
+    return "; ".join(bits)
+
+
+def group_problems(problems: Sequence[Problem], limit: int = MAX_GROUPS) -> list[list[object]]:
+    """Rows ``[kind, collapsed keys, count, detail, fix]``: problems with one kind and fix share a
+    row, their keys collapsed to module patterns, so thousands of keys stay a few lines."""
+    buckets: dict[tuple[str, str | None], list[Problem]] = {}
+    for p in problems:
+        buckets.setdefault((p.kind, p.fix), []).append(p)
+    rows: list[list[object]] = []
+    for (kind, fix), items in buckets.items():
+        details = {p.detail for p in items}
+        detail = items[0].detail if len(details) == 1 else f"{items[0].detail} (and {len(details) - 1} other details)"
+        for pattern, count in _collapse_keys([p.key for p in items]):
+            rows.append([kind, pattern, count, detail, fix or ""])
+    if len(rows) > limit:
+        rest = rows[limit - 1:]
+        rows = rows[:limit - 1] + [["...", f"{len(rest)} more groups", sum(r[2] for r in rest), "", ""]]
+    return rows
+
+
+def _collapse_keys(keys: list[str], max_rows: int = 4) -> list[tuple[str, int]]:
+    """Collapse keys into as few patterns as possible (at most ``max_rows``), preferring the finest
+    level among equals: exact keys with numbered layers collapsed, whole modules
+    (``blocks.{1,3}.x.*``), numbered blocks (``blocks.{0..2}.xattn.*``), then module prefixes."""
+    exact = collapse(keys)
+    best = [(name, len(members)) for name, members in exact.items()]
+    levels = [lambda k: module_prefix(k) or k, _template_prefix]
+    levels += [lambda k, d=d: module_prefix(k, d) or k for d in range(max(len(k.split(".")) for k in keys), 0, -1)]
+    for level in levels:
+        if len(best) <= 1:
+            break
+        by_prefix: dict[str, list[str]] = {}
+        for key in keys:
+            by_prefix.setdefault(level(key), []).append(key)
+        rows = []
+        for name, members in collapse(by_prefix).items():
+            inside = [k for m in members for k in by_prefix[m]]
+            rows.append((inside[0], 1) if len(inside) == 1 else (f"{name}.*", len(inside)))
+        if len(rows) < len(best):
+            best = rows
+    return best if len(best) <= max_rows else [("*", len(keys))]
+
+
+def _template_prefix(key: str) -> str:
+    """The module up to a key's first layer number and one more segment (``a.blocks.3.xattn``)."""
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[:i + 2]) if i + 2 < len(parts) else ".".join(parts[:i + 1])
+    return module_prefix(key) or key
+
+
+# ---------------------------------------------------------------------------------------------
+# the diff
+
+
+def _normalise_rules(remap) -> list:
+    from .remap import Rule, rules_from_dicts
+
+    if remap is None:
+        return []
+    if hasattr(remap, "rules") and not isinstance(remap, list | tuple):
+        remap = remap.rules  # a RemapResult
+    items = list(remap)
+    if all(isinstance(r, Rule) for r in items):
+        return items
+    return [r if isinstance(r, Rule) else rules_from_dicts([r])[0] for r in items]
+
+
+def _matches(names: Iterable[str], globs: Sequence[str]) -> str | None:
+    for glob in globs:
+        if any(fnmatch.fnmatchcase(name, glob) for name in names):
+            return glob
+    return None
+
+
+@dataclass
+class _Expectations:
+    require: Sequence[str] = ()
+    expect_missing: Sequence[str] = ()
+    preset_require: Sequence[str] = ()
+    preset_expect: Sequence[str] = ()
+
+    def classify(self, names: list[str], trainable: bool | None) -> tuple[bool, str]:
+        """(expected?, why). The user's flags beat the preset's, and require beats expect."""
+        for globs, expected, why in ((self.require, False, "--require"),
+                                     (self.expect_missing, True, "--expect-missing"),
+                                     (self.preset_require, False, "the preset requires it"),
+                                     (self.preset_expect, True, "the preset expects it missing")):
+            glob = _matches(names, globs)
+            if glob is not None:
+                return expected, f"{why} '{glob}'" if why.startswith("--") else why
+        if trainable is None:
+            return False, "in the target, not in the checkpoint"
+        return (not trainable), ("frozen in the model" if not trainable else "a trained parameter")
+
+
+def diff_keys(checkpoint, target, *, remap=None, expect_missing: Sequence[str] = (),
+              require: Sequence[str] = (), preset=None) -> KeyReport:
+    """Compare a checkpoint's keys with a target's; never loads tensor bytes.
+
+    ``checkpoint``: a Checkpoint, a path or hf:// reference, or a mapping of TensorMeta (or tensors).
+    ``target``: an nn.Module (real or meta), a preset name or ModelPreset, a model-config file
+    (.json/.toml), another checkpoint, or a mapping of TensorMeta.
+    ``remap``: rules (Rule objects or rules-file dicts) applied to the checkpoint's keys before the
+    preset's own remap. ``preset``: a preset whose remap, expectations and hints apply to a target
+    given as a model (``load_checkpoint`` passes it).
+    """
+    ck, opened = _open_source(checkpoint)
+    try:
+        side = resolve_target(target)
+    finally:
+        if opened is not None:
+            opened.close()  # the listing is all a diff needs
+    if preset is not None:
+        from .presets import ModelPreset, get_preset
+
+        side.preset = preset if isinstance(preset, ModelPreset) else get_preset(str(preset))
+    return compare(ck, side, remap=remap, expect_missing=expect_missing, require=require)
+
+
+def compare(ck: Side, target: Side, *, remap=None, expect_missing: Sequence[str] = (),
+            require: Sequence[str] = ()) -> KeyReport:
+    """The diff proper, on two resolved sides (what ``load_checkpoint`` calls on its own model)."""
+    from .remap import apply_remap
+
+    preset = target.preset
+    rules = _normalise_rules(remap) + _normalise_rules(list(preset.remap) if preset else [])
+    result = apply_remap(ck.metas, rules)
+    renamed = result.mapping  # old -> new, kept keys only
+    by_new = {new: old for old, new in renamed.items()}
+    expect = _Expectations(require, expect_missing,
+                           tuple(preset.require) if preset else (), tuple(preset.expect_missing) if preset else ())
+
+    entries: list[Entry] = []
+    used_ck: set[str] = set()
+    for group in target.groups:
+        entries.append(_classify(group, target, ck, by_new, used_ck, expect))
+
+    unexpected, duplicates = _unexpected(ck, renamed, used_ck)
+    ck_renamed = {renamed[k]: ck.metas[k].renamed(renamed[k]) for k in renamed}
+    problems = _problems(entries, unexpected, renamed, ck, expect, target)
+    hints = _infer_fixes(problems, entries, unexpected, renamed, ck_renamed, target)
+    return KeyReport(
+        source=ck.label, target=target.label, entries=entries, problems=problems, hints=hints,
+        coverage=coverage_rows(entries), unexpected=unexpected, duplicates=duplicates,
+        dropped=list(result.dropped), rules=[str(r) for r in rules],
+        unmatched_require=[g for g in require if not any(fnmatch.fnmatchcase(n, g) for n in target.metas)],
+    )
+
+
+def _classify(group: list[str], target: Side, ck: Side, by_new: dict[str, str], used_ck: set[str],
+              expect: _Expectations) -> Entry:
+    model_meta = target.metas[group[0]]
+    present = [n for n in group if n in by_new]
+    if present:
+        name = present[0]
+        used_ck.update(by_new[n] for n in present)
+        ck_key = by_new[name]
+        ck_meta = ck.metas[ck_key].renamed(name)
+        model_meta = target.metas[name]
+        if ck_meta.shape != model_meta.shape:
+            status = "shape_mismatch"
+        elif ck_meta.dtype != model_meta.dtype:
+            status = "dtype_mismatch"
+        else:
+            status = "matched"
+        also = [by_new[n] for n in present[1:]]
+        return Entry(group, status, model_meta, ck_key, ck_meta, also=also)
+    trainable = None if target.trainable is None else any(target.trainable.get(n, False) for n in group)
+    expected, why = expect.classify(group, trainable)
+    return Entry(group, "missing_expected" if expected else "missing_unexpected", model_meta, reason=why)
+
+
+def _unexpected(ck: Side, renamed: dict[str, str], used_ck: set[str]) -> tuple[list[str], dict[str, str]]:
+    """Checkpoint tensors nothing takes (one name per tensor) and aliases of tensors that are taken."""
+    unexpected: list[str] = []
+    duplicates: dict[str, str] = {}
+    for group in ck.groups:
+        kept = [n for n in group if n in renamed]
+        used = [n for n in kept if n in used_ck]
+        if used:
+            duplicates.update({n: used[0] for n in kept if n not in used})
+        elif kept:
+            unexpected.append(kept[0])
+            duplicates.update({n: kept[0] for n in kept[1:]})
+    return unexpected, duplicates
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def _problems(entries: list[Entry], unexpected: list[str], renamed: dict[str, str], ck: Side,
+              expect: _Expectations, target: Side) -> list[Problem]:
+    problems: list[Problem] = []
+    for e in entries:
+        if e.status == "shape_mismatch":
+            problems.append(Problem("shape_mismatch", e.name,
+                                    f"checkpoint {_shape_text(e.ckpt.shape)}, model {_shape_text(e.model.shape)}: "
+                                    "excluded from the load", _embedding_fix(e)))
+        elif e.status == "dtype_mismatch":
+            problems.append(Problem("dtype_mismatch", e.name,
+                                    f"checkpoint {e.ckpt.dtype}, model {e.model.dtype}: "
+                                    f"will be cast {e.ckpt.dtype} -> {e.model.dtype}"))
+        elif e.status == "missing_unexpected":
+            problems.append(Problem("missing_unexpected", e.name, f"not in the checkpoint ({e.reason})"))
+    for old in unexpected:
+        new = renamed[old]
+        where = f" (remapped from '{old}')" if new != old else ""
+        problems.append(Problem("unexpected", new, f"in the checkpoint, nowhere in the model{where}"))
+    for glob in expect.require:
+        if not any(fnmatch.fnmatchcase(n, glob) for n in target.metas):
+            problems.append(Problem("missing_unexpected", glob,
+                                    "the --require pattern matches no key of the model",
+                                    "check the pattern against the model's keys"))
+    return problems
+
+
+def _embedding_fix(e: Entry) -> str | None:
+    a, b = e.ckpt.shape, e.model.shape
+    if len(a) == len(b) and a[1:] == b[1:] and a[0] != b[0] and _matches([e.name], EMBEDDING_GLOBS):
+        return (f"the checkpoint was saved with {a[0]} tokens (the model has {b[0]}): use the same "
+                f"tokenizer, or resize the model's embeddings to {a[0]}")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# inferring fixes
+
+
+def _infer_fixes(problems: list[Problem], entries: list[Entry], unexpected: list[str],
+                 renamed: dict[str, str], ck_renamed: dict[str, TensorMeta], target: Side) -> list[dict]:
+    hints: list[dict] = []
+    unexpected_new = [renamed[k] for k in unexpected]
+    missing = {n for e in entries if e.status.startswith("missing") for n in e.names}
+    fixes: dict[str, str] = {}
+    for hint, covered in _prefix_fixes(unexpected_new, missing) + _rename_fixes(unexpected_new, missing):
+        hints.append(hint)
+        fixes.update(dict.fromkeys(covered, hint["fix"]))
+    for hint, keys in _layer_hints(entries, unexpected_new, ck_renamed, target):
+        hints.append(hint)
+        fixes.update({k: hint["fix"] for k in keys if k not in fixes})
+    preset_fixes: dict[str, str] = {}
+    if target.preset is not None and target.preset.hints is not None:
+        for hint in target.preset.hints(ck_renamed, target.metas) or []:
+            hint = _normalise_hint(hint)
+            hints.append(hint)
+            if hint.get("fix"):
+                # a hint names its keys by globs, or else by quoting them in its text
+                for p in problems:
+                    if _matches([p.key], hint.get("keys") or ()) or f"{p.key} " in f"{hint['detail']} ":
+                        preset_fixes[p.key] = hint["fix"]
+    for p in problems:
+        # the model's own knowledge beats a generic guess
+        p.fix = preset_fixes.get(p.key) or p.fix or fixes.get(p.key)
+    return hints
+
+
+def _normalise_hint(hint) -> dict:
+    if not isinstance(hint, Mapping):
+        return {"kind": "preset", "detail": str(hint), "fix": None}
+    out = dict(hint)
+    out.setdefault("kind", "preset")
+    out.setdefault("detail", out.pop("message", ""))
+    out.setdefault("fix", None)
+    return out
+
+
+def _prefix_fixes(unexpected: list[str], missing: set[str]) -> list[tuple[dict, list[str]]]:
+    """Prefix swaps (strip, add, or replace) that turn unexpected keys into missing ones."""
+    if not unexpected or not missing:
+        return []
+    by_suffix: dict[str, list[str]] = {}
+    for name in missing:
+        parts = name.split(".")
+        for i in range(len(parts) - 1):  # suffixes of two or more segments
+            by_suffix.setdefault(".".join(parts[i:]), []).append(".".join(parts[:i]))
+    votes: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for key in unexpected:
+        parts = key.split(".")
+        for i in range(len(parts) - 1):
+            suffix = ".".join(parts[i:])
+            if suffix in by_suffix:
+                if len(by_suffix[suffix]) == 1:  # an ambiguous suffix (attn.weight) proves nothing
+                    old, new = ".".join(parts[:i]), by_suffix[suffix][0]
+                    votes.setdefault((old, new), []).append((key, f"{new}.{suffix}" if new else suffix))
+                break
+    out: list[tuple[dict, list[str]]] = []
+    claimed: set[str] = set()
+    for (old, new), pairs in sorted(votes.items(), key=lambda kv: -len(kv[1])):
+        if (old, new) == ("", ""):
+            continue
+        # once a swap is established, it also explains one-segment rests (module.step -> step)
+        head = old + "." if old else ""
+        pairs = [(u, (f"{new}." if new else "") + u[len(head):]) for u in unexpected
+                 if u.startswith(head) and u not in claimed]
+        pairs = [(u, m) for u, m in pairs if m in missing]
+        if not pairs:
+            continue
+        claimed.update(u for u, _ in pairs)
+        if not new:
+            fix = f"--strip-prefix {old}."
+            detail = f"{len(pairs)} unexpected keys match missing ones without the prefix '{old}.'"
+        elif not old:
+            fix = f"--add-prefix {new}."
+            detail = f"{len(pairs)} unexpected keys match missing ones with the prefix '{new}.'"
+        else:
+            fix = f"--rename '^{re.escape(old)}\\.={new}.'"
+            detail = f"{len(pairs)} unexpected keys match missing ones with '{old}.' replaced by '{new}.'"
+        covered = [u for u, _ in pairs] + [m for _, m in pairs]
+        out.append(({"kind": "prefix", "detail": detail, "fix": fix}, covered))
+    return out
+
+
+def _rename_fixes(unexpected: list[str], missing: set[str]) -> list[tuple[dict, list[str]]]:
+    out: list[tuple[dict, list[str]]] = []
+    for old, new, why in KNOWN_RENAMES:
+        pattern = re.compile(rf"(?<![^.]){re.escape(old)}(?=\.|$)")
+        pairs = [(u, pattern.sub(new, u)) for u in unexpected if pattern.search(u)]
+        pairs = [(u, m) for u, m in pairs if m in missing]
+        if pairs:
+            last = pairs[0][0].endswith("." + old)
+            fix = f"--rename '\\.{old}$=.{new}'" if last else f"--rename '\\.{old}\\.=.{new}.'"
+            detail = f"'{old}' is now '{new}' ({why}): {len(pairs)} unexpected keys match missing ones"
+            out.append(({"kind": "rename", "detail": detail, "fix": fix},
+                        [u for u, _ in pairs] + [m for _, m in pairs]))
+    return out
+
+
+def _layer_template(name: str) -> tuple[str, int] | None:
+    """``a.blocks.3.xattn.w`` -> (``a.blocks.{}.xattn``, 3): the module up to the first layer number
+    and one named segment after it."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            after = parts[i + 1:i + 2] if i + 2 < len(parts) else []
+            return ".".join(parts[:i] + ["{}"] + after), int(part)
+    return None
+
+
+def _describe_layers(numbers: set[int]) -> str:
+    values = sorted(numbers)
+    text = format_numbers(values)
+    if len(values) >= 2:
+        step = values[1] - values[0]
+        if all(b - a == step for a, b in zip(values, values[1:], strict=False)):
+            text += f" (every {step})" if step > 1 else ""
+    return text
+
+
+def _layer_hints(entries: list[Entry], unexpected: list[str], ck: Mapping[str, TensorMeta],
+                 target: Side) -> list[tuple[dict, list[str]]]:
+    """Numbered modules present at different layer sets on the two sides (an interval mismatch)."""
+    involved = {e.name for e in entries if e.status == "missing_unexpected"} | set(unexpected)
+    templates = {t[0] for t in map(_layer_template, involved) if t}
+    ck_layers: dict[str, set[int]] = {}
+    for name in ck:
+        t = _layer_template(name)
+        if t:
+            ck_layers.setdefault(t[0], set()).add(t[1])
+    model_layers: dict[str, set[int]] = {}
+    for name in target.metas:
+        t = _layer_template(name)
+        if t:
+            model_layers.setdefault(t[0], set()).add(t[1])
+    out = []
+    for template, ck_set in ck_layers.items():
+        model_set = model_layers.get(template)
+        if not model_set or model_set == ck_set or template not in templates:
+            continue
+        keys = [n for n in list(ck) + sorted(involved) if (_layer_template(n) or ("",))[0] == template]
+        detail = (f"the checkpoint has {template} at layers {_describe_layers(ck_set)}; "
+                  f"the model at {_describe_layers(model_set)}")
+        fix = f"build the model with {template} at layers {_describe_layers(ck_set)}"
+        out.append(({"kind": "layers", "module": template, "checkpoint_layers": sorted(ck_set),
+                     "model_layers": sorted(model_set), "detail": detail, "fix": fix}, keys))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# coverage
+
+
+_COVERAGE_CLASS = {"matched": "loaded", "dtype_mismatch": "loaded", "shape_mismatch": "shape mismatch",
+                   "missing_expected": "missing (expected)", "missing_unexpected": "MISSING"}
+
+
+def _status_text(entries: list[Entry]) -> str:
+    classes = {_COVERAGE_CLASS[e.status] for e in entries}
+    if classes == {"loaded"}:
+        casts = sorted({f"{e.ckpt.dtype}->{e.model.dtype}" for e in entries if e.status == "dtype_mismatch"})
+        return "ok" + (f" (cast {', '.join(casts)})" if casts else "")
+    if len(classes) == 1:
+        return classes.pop()
+    return "partial: " + ", ".join(sorted(classes))
+
+
+def coverage_rows(entries: list[Entry]) -> list[CoverageRow]:
+    """Rows by module: a module whose tensors share one status is one row; mixed ones are split,
+    first by layer number (interval mismatches), then by child module, where children that share
+    a status stay one row (``layers.{0..31}.* (rest)`` beside ``layers.{3,7}.xattn.*``)."""
+    rows: list[tuple[list[str], list[Entry], str]] = []
+    by_top: dict[str, list[Entry]] = {}
+    for e in entries:
+        by_top.setdefault(e.name.split(".")[0], []).append(e)
+    for top, items in by_top.items():
+        _split([top], items, rows)
+    return [_row(parts, items, note) for parts, items, note in rows]
+
+
+def _cls(e: Entry) -> str:
+    return _COVERAGE_CLASS[e.status]
+
+
+def _split(prefix: list[str], items: list[Entry], out: list) -> None:
+    depth = len(prefix)
+    classes = {_cls(e) for e in items}
+    leaf = any(len(e.name.split(".")) <= depth for e in items)
+    if len(classes) == 1 or leaf:
+        out.append((prefix, items, ""))
+        return
+    numbers = [i for i, p in enumerate(prefix) if p == "{}"]
+    if numbers:
+        # Does the status depend only on which layer a tensor is in? Then split by layer sets.
+        per_layer: dict[tuple, set[str]] = {}
+        for e in items:
+            parts = e.name.split(".")
+            per_layer.setdefault(tuple(parts[i] for i in numbers), set()).add(_cls(e))
+        if all(len(c) == 1 for c in per_layer.values()):
+            by_class: dict[str, list[Entry]] = {}
+            for e in items:
+                by_class.setdefault(_cls(e), []).append(e)
+            out.extend((prefix, group, "") for group in by_class.values())
+            return
+    children: dict[str, list[Entry]] = {}
+    for e in items:
+        part = e.name.split(".")[depth]
+        children.setdefault("{}" if part.isdigit() else part, []).append(e)
+    uniform: dict[str, list[str]] = {}
+    for part, group in children.items():
+        group_classes = {_cls(e) for e in group}
+        if len(group_classes) == 1:
+            uniform.setdefault(group_classes.pop(), []).append(part)
+    merged = {parts[0]: cls for cls, parts in uniform.items() if len(parts) > 1}
+    for part, group in children.items():
+        cls = _cls(group[0])
+        if part in merged:
+            members = [e for p in uniform[merged[part]] for e in children[p]]
+            out.append((prefix, members, " (rest)" if len(merged) < len(children) else ""))
+        elif not (cls in uniform and len(uniform[cls]) > 1 and part in uniform[cls]):
+            _split(prefix + [part], group, out)
+
+
+def _row(prefix: list[str], items: list[Entry], note: str = "") -> CoverageRow:
+    display = []
+    for i, part in enumerate(prefix):
+        if part == "{}":
+            values = {int(e.name.split(".")[i]) for e in items}
+            display.append(str(next(iter(values))) if len(values) == 1 else "{" + format_numbers(values) + "}")
+        else:
+            display.append(part)
+    name = ".".join(display)
+    if any(len(e.name.split(".")) > len(prefix) for e in items):
+        name += ".*"
+    covered = [e for e in items if e.status in LOADABLE]
+    return CoverageRow(name + note, _status_text(items), len(covered), len(items),
+                       sum(e.model.numel for e in covered), sum(e.model.numel for e in items))
+
+
+__all__ = ["KeyReport", "Problem", "CoverageRow", "Entry", "Side", "diff_keys", "compare", "module_side",
+           "resolve_target", "group_problems"]

@@ -1,0 +1,161 @@
+"""load_checkpoint(model, source) -> KeyReport: ``strict=False`` done right.
+
+The key report comes first and a failing verdict refuses the load (``force=True`` loads what
+fits anyway). Then only tensors whose shapes agree are copied, one at a time from the lazy reader,
+so no second copy of the state dict is ever in memory: into the existing tensor (``copy_`` casts
+the dtype) for a real model, or into a fresh tensor set on the owning module for a tensor on the
+meta device (every name of a tied tensor gets the same new tensor, so ties survive). Afterwards
+every loaded tensor is read back through the model and compared with its source (after the same
+cast), and the preset's ``post_load_checks`` run (OpenFlamingo: gates still all zero means the
+cross-attention never landed). The report's ``load`` says what happened.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .diff import Entry, KeyReport, Problem, checkpoint_side, compare, module_side
+from .errors import LoadRefusedError
+
+
+def _resolve_preset(preset):
+    if preset is None:
+        return None
+    from .presets import ModelPreset, get_preset
+
+    return preset if isinstance(preset, ModelPreset) else get_preset(str(preset))
+
+
+def load_checkpoint(model, source, *, remap=None, expect_missing: Sequence[str] = (),
+                    require: Sequence[str] = (), force: bool = False, preset=None, verify: bool = True,
+                    device: str | None = None) -> KeyReport:
+    """Diff ``source`` against ``model``, then load every tensor that fits and verify it landed.
+
+    ``source``: a path, hf:// reference or open Checkpoint. ``preset``: a preset name or
+    ModelPreset whose remap, expectations, hints and post-load checks apply. ``force``: load even
+    when the verdict fails (shape mismatches are still skipped). ``device``: where tensors of a
+    meta-device model are materialised (default ``cpu``). Raises LoadRefusedError (carrying the
+    report) when the verdict fails and ``force`` is not set.
+    """
+    from .reader import Checkpoint, open_checkpoint
+
+    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
+    try:
+        side = module_side(model)
+        side.preset = _resolve_preset(preset)
+        report = compare(checkpoint_side(ckpt), side, remap=remap, expect_missing=expect_missing,
+                         require=require)
+        if not report.ok and not force:
+            raise LoadRefusedError(_refusal(report), report=report, path=str(ckpt.source),
+                                   fix="fix the problems in the key report (ckpt diff), or pass force=True "
+                                       "(--force) to load the tensors that fit")
+        report.load, bad = _load(model, ckpt, report, side.preset, device=device, verify=verify,
+                                 forced=force and not report.ok)
+    finally:
+        if ckpt is not source:
+            ckpt.close()
+    for text in report.load["checks"]:
+        report.problems.append(Problem("load", "(model)", text, "check that the checkpoint holds trained weights"))
+    for key, why, fix in bad:
+        report.problems.append(Problem("load", key, why, fix))
+    return report
+
+
+def _refusal(report: KeyReport) -> str:
+    counts = report.counts
+    parts = [f"{counts[k]} {k.replace('_', ' ')}" for k in ("shape_mismatch", "unexpected", "missing_unexpected")
+             if counts[k]]
+    return "refusing to load: the key report's verdict is fail (" + ", ".join(parts) + ")"
+
+
+def _load(model, ckpt, report: KeyReport, preset, *, device: str | None, verify: bool,
+          forced: bool) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+    import torch
+
+    started = time.perf_counter()
+    entries = report.loadable()
+    nbytes = 0
+    with torch.no_grad():
+        for entry in entries:
+            source = ckpt.tensor(entry.ckpt_key)
+            nbytes += entry.ckpt.nbytes
+            _assign(model, entry, source, device)
+            del source
+    loaded_s = time.perf_counter() - started
+    bad = _verify(model, ckpt, entries) if verify else []
+    mismatched = [name for name, _, _ in bad]
+    checks = list(preset.post_load_checks(model) or []) if preset and preset.post_load_checks else []
+    still_meta = sum(1 for t in model.state_dict(keep_vars=True).values() if t.device.type == "meta")
+    return {
+        "loaded": len(entries),
+        "bytes": nbytes,
+        "cast": sum(1 for e in entries if e.status == "dtype_mismatch"),
+        "skipped": [e.name for e in report.entries if e.status == "shape_mismatch"],
+        "verified": bool(verify and not mismatched and not checks),
+        "compared": len(entries) if verify else 0,
+        "mismatched": mismatched,
+        "checks": checks,
+        "forced": forced,
+        "still_on_meta": still_meta,
+        "seconds": round(time.perf_counter() - started, 3),
+        "copy_seconds": round(loaded_s, 3),
+    }, bad
+
+
+def _owner(model, name: str):
+    module_path, _, attr = name.rpartition(".")
+    return (model.get_submodule(module_path) if module_path else model), attr
+
+
+def _current(model, name: str):
+    module, attr = _owner(model, name)
+    tensor = module._parameters.get(attr)
+    return tensor if tensor is not None else module._buffers.get(attr)
+
+
+def _assign(model, entry: Entry, source, device: str | None) -> None:
+    import torch
+
+    current = _current(model, entry.name)
+    if current.device.type != "meta":
+        current.copy_(source)  # casts to the model's dtype
+        return
+    fresh = torch.empty(current.shape, dtype=current.dtype, device=device or "cpu")
+    fresh.copy_(source)
+    if isinstance(current, torch.nn.Parameter):
+        fresh = torch.nn.Parameter(fresh, requires_grad=current.requires_grad)
+    for name in entry.names:  # every name of a tied tensor gets the same new tensor
+        module, attr = _owner(model, name)
+        slot = module._parameters if attr in module._parameters else module._buffers
+        slot[attr] = fresh
+
+
+def _verify(model, ckpt, entries: list[Entry]) -> list[tuple[str, str, str]]:
+    """(name, why, fix) for each tensor in the model that differs from its checkpoint source (after the
+    cast), that lost a tie, or whose tied names the checkpoint gives different values."""
+    import torch
+
+    def same(current, key) -> bool:
+        source = ckpt.tensor(key).to(device=current.device, dtype=current.dtype)
+        return torch.equal(current, source) or (
+            current.is_floating_point() and torch.allclose(current, source, rtol=0, atol=0, equal_nan=True))
+
+    bad: list[tuple[str, str, str]] = []
+    with torch.no_grad():
+        for entry in entries:
+            current = _current(model, entry.name)
+            if not same(current, entry.ckpt_key):
+                bad.append((entry.name, f"differs from checkpoint key '{entry.ckpt_key}' after the load",
+                            "something rewrote it during the load (a hook or a shared storage); load it alone"))
+            elif not all(_current(model, n) is current for n in entry.names[1:]):
+                bad.append((entry.name, "its tied names no longer share one tensor",
+                            "re-tie the weights (model.tie_weights()) after the load"))
+            else:
+                conflicts = [k for k in entry.also if not same(current, k)]
+                if conflicts:
+                    bad.append((entry.name, f"the checkpoint holds other values for this tied tensor under "
+                                            f"'{conflicts[0]}' (loaded '{entry.ckpt_key}')",
+                                f"keep the right one: --drop '{conflicts[0]}' or --drop '{entry.ckpt_key}'"))
+    return bad

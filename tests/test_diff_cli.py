@@ -1,0 +1,150 @@
+"""`ckpt diff` and `ckpt validate`: exit codes 0/1/2, JSON names, the tiny OpenFlamingo end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffload_models import build_tiny, trained_state
+from safetensors.torch import save_file
+
+
+@pytest.fixture
+def files(tmp_path):
+    state = {k: v.clone().contiguous() for k, v in trained_state(build_tiny(seed=1)).items()}
+    full, partial = tmp_path / "full.safetensors", tmp_path / "partial.safetensors"
+    save_file(state, full)
+    save_file({k: v for k, v in state.items() if k != "blocks.0.x.gate"}, partial)
+    return full, partial
+
+
+def test_diff_against_itself_is_ok(run_cli, files):
+    full, _ = files
+    result = run_cli("diff", full, "--against", full, "--format", "json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["verdict"] == "ok"
+    assert list(data["counts"]) == ["matched", "dtype_mismatch", "shape_mismatch", "unexpected",
+                                    "missing_expected", "missing_unexpected"]
+    assert data["counts"]["matched"] == 14
+
+
+def test_diff_with_problems_exits_1_and_flags_change_the_verdict(run_cli, files):
+    full, partial = files
+    result = run_cli("diff", partial, "--against", full, "--format", "json")
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["problems"] == [{"kind": "missing_unexpected", "key": "blocks.0.x.gate",
+                                 "detail": "not in the checkpoint (in the target, not in the checkpoint)",
+                                 "fix": None}]
+    assert run_cli("diff", partial, "--against", full, "--expect-missing", "*.gate").exit_code == 0
+    assert run_cli("diff", full, "--against", partial, "--drop", "blocks.0.x.gate").exit_code == 0
+    assert run_cli("diff", full, "--against", full, "--require", "nothing.*").exit_code == 1
+
+
+@pytest.mark.parametrize("args", [
+    ["diff", "{missing}", "--against", "{full}"],
+    ["diff", "{full}"],
+    ["diff", "{full}", "--model", "x", "--against", "{full}"],
+    ["diff", "{full}", "--model", "no-such-preset"],
+    ["diff", "{full}", "--against", "{full}", "--rename", "no-equals-sign"],
+    ["validate", "{full}"],
+])
+def test_bad_input_exits_2_with_one_line(run_cli, files, tmp_path, args):
+    full, _ = files
+    args = [a.format(full=full, missing=tmp_path / "nope.pt") for a in args]
+    result = run_cli(*args)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_markdown_and_table_formats(run_cli, files):
+    full, partial = files
+    markdown = run_cli("diff", partial, "--against", full, "--format", "markdown").stdout
+    assert markdown.startswith("### ❌ Key report: **fail**")
+    assert "| missing_unexpected | `blocks.0.x.gate` | 1 |" in markdown
+    table = run_cli("diff", partial, "--against", full).stdout
+    assert "verdict: FAIL" in table
+
+
+@pytest.mark.parametrize("command", ["diff", "validate"])
+def test_help_has_an_example(run_cli, command):
+    result = run_cli(command, "--help")
+    assert result.exit_code == 0 and "Example:" in result.stdout
+
+
+# -- the tiny OpenFlamingo preset and a model config built through the factory --
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    registry = pytest.importorskip("model.registry")
+    folder = tmp_path_factory.mktemp("tiny")
+    model = registry.TINY.build(device="cpu")
+    state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items() if v.requires_grad}
+    for key in state:
+        if key.endswith(("attn_gate", "ff_gate")):
+            state[key] = torch.full_like(state[key], 0.25)
+        else:
+            state[key] += 0.01  # differ from the preset's seeded init, so a load shows
+    paths = {"trained": folder / "checkpoint.pt", "closed": folder / "closed.pt", "ddp": folder / "ddp.pt",
+             "wrong": folder / "wrong.pt"}
+    torch.save(state, paths["trained"])
+    torch.save({k: (torch.zeros_like(v) if k.endswith("_gate") else v) for k, v in state.items()}, paths["closed"])
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in state.items()}}, paths["ddp"])
+    wte = "lang_encoder.transformer.wte.weight"
+    torch.save(dict(state, **{wte: torch.zeros(state[wte].shape[0] - 3, state[wte].shape[1])}), paths["wrong"])
+    assets = registry.save_tiny_assets(folder / "assets")
+    config = folder / "assets" / "flamingo.json"
+    config.write_text(json.dumps({
+        "factory": "model.factory:create_model_and_transforms",
+        "clip_vision_encoder_path": "tiny-vit.json", "clip_vision_encoder_pretrained": None,
+        "lang_encoder_path": assets["lm"].name, "tokenizer_path": assets["lm"].name,
+        "cross_attn_every_n_layers": registry.TINY_EVERY_N}))
+    paths["config"] = config
+    return paths
+
+
+def test_validate_tiny_preset_with_load(run_cli, tiny):
+    result = run_cli("validate", tiny["trained"], "--model", "openflamingo-tiny", "--load", "--format", "json")
+    assert result.exit_code == 0, result.stdout
+    data = json.loads(result.stdout)
+    assert data["verdict"] == "ok"
+    assert data["inspect"]["format"] == "torch-zip"
+    assert data["diff"]["counts"]["unexpected"] == 0
+    assert data["load"]["verified"] is True
+    assert data["load"]["loaded"] == data["diff"]["counts"]["matched"]
+
+
+def test_validate_fails_when_the_gates_never_opened(run_cli, tiny):
+    result = run_cli("validate", tiny["closed"], "--model", "openflamingo-tiny", "--load", "--format", "json")
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["load"]["verified"] is False
+    assert "exactly 0" in data["load"]["checks"][0]
+
+
+def test_validate_refuses_a_load_with_a_shape_mismatch(run_cli, tiny):
+    result = run_cli("validate", tiny["wrong"], "--model", "openflamingo-tiny", "--load", "--format", "json")
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["load"]["loaded"] == 0 and "refusing to load" in data["load"]["refused"]
+    forced = run_cli("validate", tiny["wrong"], "--model", "openflamingo-tiny", "--load", "--force",
+                     "--format", "json")
+    assert forced.exit_code == 1
+    assert json.loads(forced.stdout)["load"]["skipped"] == ["lang_encoder.transformer.wte.weight"]
+
+
+def test_diff_ddp_file_against_a_model_config(run_cli, tiny):
+    result = run_cli("diff", tiny["ddp"], "--model-config", tiny["config"], "--format", "json")
+    assert result.exit_code == 1
+    assert {p["fix"] for p in json.loads(result.stdout)["problems"]} == {"--strip-prefix module."}
+    fixed = run_cli("diff", tiny["ddp"], "--model-config", tiny["config"], "--strip-prefix", "module.")
+    assert fixed.exit_code == 0, fixed.stdout
+
+
+def test_validate_model_config_with_load(run_cli, tiny):
+    result = run_cli("validate", tiny["trained"], "--model-config", tiny["config"], "--load", "--device", "cpu",
+                     "--format", "json")
+    assert result.exit_code == 0, result.stdout
+    assert json.loads(result.stdout)["load"]["still_on_meta"] == 0

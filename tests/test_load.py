@@ -1,0 +1,138 @@
+"""load_checkpoint: refuse on a failing verdict, load what fits one tensor at a time, verify it landed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffload_models import build_tiny, trained_state
+from safetensors.torch import save_file
+
+from ckpt_tools.errors import LoadRefusedError
+from ckpt_tools.load import load_checkpoint
+from ckpt_tools.presets import ModelPreset
+from ckpt_tools.reader import open_checkpoint
+
+
+def save(tmp_path, state, fmt="safetensors"):
+    if fmt == "safetensors":
+        path = tmp_path / "ckpt.safetensors"
+        # safetensors refuses shared tensors; the tied head is the same values under another name
+        save_file({k: v.clone().contiguous() for k, v in state.items()}, path)
+    else:
+        path = tmp_path / "ckpt.pt"
+        torch.save({"model_state_dict": state, "epoch": 1}, path)
+    return path
+
+
+def assert_loaded(model, state):
+    current = model.state_dict()
+    for key, value in state.items():
+        assert torch.equal(current[key], value.to(current[key].dtype)), key
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_load_copies_every_trained_tensor_and_verifies(tmp_path, fmt):
+    source = build_tiny(seed=1)
+    state = trained_state(source)
+    model = build_tiny(seed=2)
+    frozen_before = model.vision.weight.clone()
+    report = load_checkpoint(model, save(tmp_path, state, fmt))
+    assert report.verdict == "ok"
+    assert report.load["loaded"] == 13
+    assert report.load["verified"] is True
+    assert report.load["compared"] == 13
+    assert report.load["mismatched"] == [] and report.load["skipped"] == []
+    assert report.load["still_on_meta"] == 0
+    assert_loaded(model, state)
+    assert torch.equal(model.vision.weight, frozen_before)  # frozen parts untouched
+    assert report.to_dict()["load"]["verified"] is True
+
+
+def test_dtype_mismatch_is_cast_on_the_way_in(tmp_path):
+    state = trained_state(build_tiny(seed=1))
+    state = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    model = build_tiny(seed=2)
+    report = load_checkpoint(model, save(tmp_path, state))
+    assert report.counts["dtype_mismatch"] == 13
+    assert report.load["cast"] == 13 and report.load["verified"] is True
+    assert model.embed.weight.dtype == torch.float32
+    assert_loaded(model, state)
+
+
+def test_failing_verdict_refuses_and_force_loads_what_fits(tmp_path):
+    state = trained_state(build_tiny(seed=1, vocab=12))  # wrong tokenizer length
+    path = save(tmp_path, state)
+    model = build_tiny(seed=2, vocab=10)
+    embed_before = model.embed.weight.clone()
+    gate_before = model.blocks[0].x.gate.clone()
+    with pytest.raises(LoadRefusedError) as info:
+        load_checkpoint(model, path)
+    assert info.value.report.counts["shape_mismatch"] == 1
+    assert "1 shape mismatch" in str(info.value) and "force=True" in str(info.value)
+    assert torch.equal(model.blocks[0].x.gate, gate_before)  # nothing was touched
+    report = load_checkpoint(model, path, force=True)
+    assert report.verdict == "fail"
+    assert report.load["forced"] is True
+    assert report.load["skipped"] == ["embed.weight"]
+    assert report.load["loaded"] == 12 and report.load["verified"] is True
+    assert torch.equal(model.embed.weight, embed_before)
+    assert torch.equal(model.blocks[0].x.gate, state["blocks.0.x.gate"])
+
+
+def test_meta_model_gets_real_tensors_and_keeps_ties(tmp_path):
+    state = trained_state(build_tiny(seed=1))
+    model = build_tiny(device="meta")
+    report = load_checkpoint(model, save(tmp_path, state, "pt"))
+    assert report.load["verified"] is True
+    assert model.embed.weight.device.type == "cpu"
+    assert model.head.weight is model.embed.weight
+    assert isinstance(model.embed.weight, torch.nn.Parameter) and model.embed.weight.requires_grad
+    assert not model.blocks[0].lin.weight.requires_grad
+    assert model.vision.weight.device.type == "meta"  # frozen parts stay skeletons
+    assert report.load["still_on_meta"] == 11
+    assert torch.equal(model.blocks[3].x.proj.weight, state["blocks.3.x.proj.weight"])
+
+
+def test_verification_catches_a_tensor_overwritten_by_another_key(tmp_path):
+    state = trained_state(build_tiny(seed=1))
+    state["head.weight"] = state["embed.weight"] + 1  # untied in the file, tied in the model
+    model = build_tiny(seed=2)
+    report = load_checkpoint(model, save(tmp_path, state))
+    assert report.load["verified"] is False
+    assert report.load["mismatched"] == ["embed.weight"]
+    assert report.verdict == "fail"
+    (problem,) = report.problems
+    assert problem.kind == "load"
+    assert "other values for this tied tensor under 'head.weight'" in problem.detail
+
+
+def test_preset_post_load_checks_run(tmp_path):
+    def gates_open(model):
+        gates = [b.x.gate for b in model.blocks if b.x is not None]
+        return ["every gate is still exactly 0"] if all(float(g.detach().abs().max()) == 0 for g in gates) else []
+
+    preset = ModelPreset(name="tiny-test", build=build_tiny, post_load_checks=gates_open)
+    good = load_checkpoint(build_tiny(), save(tmp_path, trained_state(build_tiny(seed=1))), preset=preset)
+    assert good.load["checks"] == [] and good.load["verified"] is True
+    closed = trained_state(build_tiny(seed=1), gate=0.0)
+    bad = load_checkpoint(build_tiny(), save(tmp_path, closed), preset=preset)
+    assert bad.load["checks"] == ["every gate is still exactly 0"]
+    assert bad.load["verified"] is False
+    assert bad.verdict == "fail"
+
+
+def test_reads_each_tensor_through_the_lazy_reader(tmp_path, monkeypatch):
+    state = trained_state(build_tiny(seed=1))
+    ckpt = open_checkpoint(save(tmp_path, state))
+    reads: list[str] = []
+    original = type(ckpt)._load_tensor
+
+    def spy(self, key):
+        reads.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(type(ckpt), "_load_tensor", spy)
+    report = load_checkpoint(build_tiny(), ckpt, remap=[{"drop": "head.*"}])
+    assert report.load["loaded"] == 13
+    assert sorted(reads) == sorted([k for k in state if k != "head.weight"] * 2)  # load + verify
+    assert ckpt.tensor("blocks.0.x.gate") is not None  # a Checkpoint passed in stays open
