@@ -234,33 +234,50 @@ def diff(source: str, model: str | None, model_config: str | None, against: str 
 @click.argument("source")
 @click.option("--model", "model", metavar="PRESET", help="The model preset the checkpoint is for.")
 @click.option("--model-config", type=click.Path(dir_okay=False), metavar="FILE",
-              help="A factory config (JSON/TOML keyword arguments) that builds the model.")
+              help="A factory config (JSON/TOML keyword arguments) that builds the model; with --model, the "
+                   "preset still supplies the expectations and checks.")
 @remap_options
 @_expect_options
+@click.option("--revision", metavar="REV", help="For a hub source: branch, tag or commit (pinned before anything).")
+@click.option("--endpoint", metavar="URL", help="Hub or mirror URL (default: HF_ENDPOINT).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Hub cache folder for the download.")
+@click.option("--lock", "lock_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Record the pinned commit and the file's sha256 here.")
+@click.option("--convert", "convert_to", type=click.Path(), metavar="DST",
+              help="Also convert to a verified .safetensors at DST (and load from it).")
 @click.option("--load", "do_load", is_flag=True,
               help="Also load the checkpoint into the model and verify every tensor landed.")
-@click.option("--force", is_flag=True, help="With --load: load the tensors that fit even when the verdict fails.")
+@click.option("--force", is_flag=True, help="Go on past a failing key check (download, convert, load what fits).")
 @click.option("--device", default="meta", show_default=True,
               help="Where to build the model; on meta only loaded tensors are materialised (on cpu).")
 @format_option
 def validate(source: str, model: str | None, model_config: str | None, expect_missing: tuple[str, ...],
-             require: tuple[str, ...], do_load: bool, force: bool, device: str, fmt: str, **kwargs) -> None:
-    """Inspect SOURCE, diff it against its model (and with --load, load and verify): one verdict.
+             require: tuple[str, ...], revision: str | None, endpoint: str | None, cache_dir: str | None,
+             lock_file: str | None, convert_to: str | None, do_load: bool, force: bool, device: str, fmt: str,
+             **kwargs) -> None:
+    """Validate a checkpoint: pin, inspect, diff (remotely first), download, convert, load: one verdict.
 
-    Exit 0 when the verdict is ok, 1 when it is not (or the load was refused), 2 on bad input.
+    SOURCE is a local file or folder, hf://ORG/NAME[@REVISION]/PATH, or ORG/NAME with --revision
+    (the preset names the file). A hub checkpoint is diffed before a byte of its weights is
+    downloaded, then downloaded resumably and sha256-verified. Exit 0 when the verdict is ok, 1
+    when it is not (or the load was refused), 2 on bad input.
 
     \b
     Example:
-      ckpt validate checkpoint.pt --model openflamingo-3b-vitl-mpt1b
-      ckpt validate checkpoint.pt --model-config flamingo.json --load --format json
+      ckpt validate hf://openflamingo/OpenFlamingo-9B-vitl-mpt7b@main/checkpoint.pt --model openflamingo-9b-vitl-mpt7b
+      ckpt validate openflamingo/OpenFlamingo-3B-vitl-mpt1b --revision main --model openflamingo-3b-vitl-mpt1b --lock of3b.lock
+      ckpt validate checkpoint.pt --model openflamingo-3b-vitl-mpt1b --convert model.safetensors --load
     """
     from .validation import validate as run_validate
 
     report = run_validate(source, model=model, model_config=model_config, remap=rules_from_options(kwargs),
                           expect_missing=expect_missing, require=require, load=do_load, force=force,
-                          device=device)
+                          device=device, revision=revision, endpoint=endpoint, cache_dir=cache_dir,
+                          lock=lock_file, convert=convert_to)
     emit(report, fmt)
     sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
+
+
 # --- download ---
 @cli.command("download")
 @click.argument("repo_id")
@@ -334,6 +351,34 @@ def scan(source: str, fmt: str) -> None:
     emit(report, fmt)
     sys.exit(EXIT_OK if report.verdict == "safe" else EXIT_PROBLEMS)
 # --- demo ---
+@cli.command()
+@click.option("--keep", type=click.Path(file_okay=False), metavar="DIR",
+              help="Copy the demo's files (hub folder, cache, converted model) here instead of deleting them.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the demo checkpoint's values.")
+@format_option
+def demo(keep: str | None, seed: int, fmt: str) -> None:
+    """Run the main job end to end, offline, on a tiny OpenFlamingo checkpoint.
+
+    Makes a tiny checkpoint in the published layout, serves it with `ckpt serve` on a free loopback
+    port, then validates it as you would a real one: pin the revision, diff it remotely, download
+    it verified, convert it to safetensors, load it into the model with verification and
+    provenance, and generate a few tokens. Cleans up after itself.
+
+    \b
+    Example:
+      ckpt demo
+      ckpt demo --format json --keep /tmp/ckpt-demo
+    """
+    from .demo import run_demo
+
+    def progress(step) -> None:
+        click.echo(f"[{step.name}] {'ok' if step.ok else 'FAIL'} ({step.seconds:.1f}s) {step.detail}", err=True)
+
+    report = run_demo(keep=keep, seed=seed, progress=progress)
+    emit(report, fmt)
+    sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
+
+
 
 
 def main(argv: list[str] | None = None) -> None:

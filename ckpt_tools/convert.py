@@ -5,6 +5,10 @@ cast, shards), writes each safetensors file with ``safetensors_writer`` (header 
 tensor at a time from the reader's memory map), verifies every written tensor bit for bit against
 its source while the output is still an unnamed temporary file, and only then moves it into place.
 
+A sharded output is written into a hidden sibling folder and swapped into place whole
+(``AtomicFolder``), so a killed run leaves either the previous folder or the new one, never
+shards without their index. A full disk ends in a ``DiskFullError`` with nothing kept.
+
 Aliases (names that view one tensor, e.g. tied weights or the cross-attention tensors that
 OpenFlamingo v1 files hold twice) are stored once. The name kept is the one the rules point to
 (the one an explicit ``rename`` produced, or the one left when a ``drop`` removed the others),
@@ -284,11 +288,15 @@ def _check_destination(destination: Destination, outputs: list[Path], src: str |
     if not parent.is_dir():
         raise UsageError("the destination's folder does not exist", path=str(parent),
                          fix=f"create it first (mkdir -p {parent})")
+    if destination.sharded and destination.path.exists() and not destination.path.is_dir():
+        raise OutputExistsError("a folder of shards cannot replace a file", path=str(destination.path),
+                                fix="choose a folder name")
     check_outputs(outputs, src, force)
-    stale = _existing_shards(destination.path) if destination.sharded and not force else []
-    if stale:
+    stale = _existing_shards(destination.path) if destination.sharded else []
+    if stale and not force:
         raise OutputExistsError(f"the folder already holds shards ({stale[0].name})", path=str(destination.path),
                                 fix="pass --force to replace them, or choose an empty folder")
+    check_outputs(stale, src, force)  # replacing the folder removes its old shards: never the source's
 
 
 def source_files(src: str | Path) -> list[Path]:
@@ -331,6 +339,11 @@ def _existing_shards(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if SHARD_PATTERN.fullmatch(p.name)]
 
 
+def _replaced_by_output(name: str) -> bool:
+    """Entries of an existing destination folder that a sharded output replaces; others are kept."""
+    return name == INDEX_NAME or SHARD_PATTERN.fullmatch(name) is not None
+
+
 # -- conversion --
 
 def convert_to_safetensors(src: str | Path, dst: str | Path, *, rules: Sequence[Rule] | None = None,
@@ -339,6 +352,7 @@ def convert_to_safetensors(src: str | Path, dst: str | Path, *, rules: Sequence[
                            extras_path: str | Path | None = None) -> ConversionResult:
     """Convert any checkpoint the reader opens to one ``.safetensors`` file or a sharded folder."""
     from .reader import open_checkpoint
+    from .safetensors_writer import disk_full_as_error
 
     target_dtype = resolve_dtype(dtype)
     destination = _destination(dst, max_shard_size)
@@ -354,8 +368,9 @@ def convert_to_safetensors(src: str | Path, dst: str | Path, *, rules: Sequence[
         _check_destination(destination, outputs + [p for p in (destination.index, extras_file) if p], src, force)
         metadata = _provenance(src, checkpoint, rules, aliases)
         writer = _ShardWriter(checkpoint, destination, verify)
-        bytes_written, verified = writer.write(shards, outputs, metadata, aliases)
-        written_extras = _write_extras(checkpoint, extras_file) if extras_file else []
+        with disk_full_as_error(dst, sum(item.meta.nbytes for item in plan)):
+            bytes_written, verified = writer.write(shards, outputs, metadata, aliases)
+            written_extras = _write_extras(checkpoint, extras_file) if extras_file else []
         result = ConversionResult(
             source=str(src), destination=str(dst), files=[str(p) for p in writer.committed],
             tensors=len(plan), aliases_removed=aliases, renamed=remap.renamed,
@@ -387,7 +402,8 @@ def _provenance(src: str | Path, checkpoint, rules: Sequence[Rule] | None, alias
 
 
 class _ShardWriter:
-    """Writes every shard to a temporary file, verifies it, then commits all of them (index last)."""
+    """Writes every shard to a temporary file and verifies it, then commits all of them (index
+    last): into place for one file, into a staging folder swapped into place for shards."""
 
     def __init__(self, checkpoint, destination: Destination, verify: bool) -> None:
         self.checkpoint = checkpoint
@@ -397,11 +413,21 @@ class _ShardWriter:
 
     def write(self, shards: list[list[Planned]], outputs: list[Path], metadata: dict[str, str],
               aliases: dict[str, str]) -> tuple[int, int]:
+        from .safetensors_writer import AtomicFolder
+
+        if not self.destination.sharded:
+            written = self._write_files(shards, outputs, metadata, aliases)
+        else:
+            with AtomicFolder(self.destination.path, _replaced_by_output) as folder:
+                written = self._write_files(shards, [folder.path / out.name for out in outputs], metadata, aliases)
+                folder.commit()
+        self.committed = list(outputs) + ([self.destination.index] if self.destination.sharded else [])
+        return written
+
+    def _write_files(self, shards: list[list[Planned]], outputs: list[Path], metadata: dict[str, str],
+                     aliases: dict[str, str]) -> tuple[int, int]:
         from .safetensors_writer import AtomicFile, write_safetensors
 
-        made_folder = self.destination.sharded and not self.destination.path.exists()
-        if made_folder:
-            self.destination.path.mkdir(parents=True)
         pending: list[AtomicFile] = []
         total, verified = 0, 0
         try:
@@ -412,23 +438,18 @@ class _ShardWriter:
                 entries = [(item.meta, self._loader(item.source_key)) for item in shard]
                 total += write_safetensors(handle, entries, self._shard_metadata(metadata, shard, aliases))
                 if self.verify:
-                    verified += verify_file(handle.path, shard, self.checkpoint, str(out))
+                    verified += verify_file(handle.path, shard, self.checkpoint, str(self._shown(out)))
             total += self._write_index(shards, outputs, metadata, pending)
-            old_shards = _existing_shards(self.destination.path) if self.destination.sharded else []
             for handle in pending:
                 handle.commit()
-                self.committed.append(handle.final)
-            self._remove_stale(old_shards)
-        except BaseException:
+        finally:
             for handle in pending:
-                handle.discard()
-            for path in self.committed:
-                path.unlink(missing_ok=True)
-            self.committed.clear()
-            if made_folder:
-                _remove_if_empty(self.destination.path)
-            raise
+                handle.discard()  # nothing left to discard once committed
         return total, verified
+
+    def _shown(self, out: Path) -> Path:
+        """The name a staged file will have, for messages."""
+        return self.destination.path / out.name if self.destination.sharded else out
 
     def _loader(self, key: str):
         return lambda: self.checkpoint.tensor(key)
@@ -453,16 +474,10 @@ class _ShardWriter:
         index = {"metadata": {"total_size": sum(i.meta.nbytes for s in shards for i in s),
                               **{k: v for k, v in metadata.items() if k != "format"}},
                  "weight_map": weight_map}
-        handle = AtomicFile(self.destination.index)
+        handle = AtomicFile(outputs[0].parent / INDEX_NAME)
         handle.open()
         pending.append(handle)  # last, so the index appears only after every shard it names
         return handle.write(json.dumps(index, indent=2).encode("utf-8") + b"\n")
-
-    def _remove_stale(self, old_shards: list[Path]) -> None:
-        keep = set(self.committed)
-        for path in old_shards:
-            if path not in keep:
-                path.unlink(missing_ok=True)
 
 
 def restore_aliases(state: dict, metadata: dict[str, str] | None) -> dict:
@@ -473,13 +488,6 @@ def restore_aliases(state: dict, metadata: dict[str, str] | None) -> dict:
         if kept in state and removed not in state:
             state[removed] = state[kept]
     return state
-
-
-def _remove_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()
-    except OSError:
-        pass
 
 
 def verify_file(path: str, shard: Sequence[Planned], checkpoint, shown: str) -> int:
@@ -571,7 +579,7 @@ def _remap_pickle(src, dst, rules, force, fmt) -> RemapCheckpointResult:
     import torch
 
     from .reader import open_checkpoint
-    from .safetensors_writer import AtomicFile
+    from .safetensors_writer import AtomicFile, disk_full_as_error
 
     dst = Path(dst)
     check_outputs([dst], src, force)
@@ -581,7 +589,8 @@ def _remap_pickle(src, dst, rules, force, fmt) -> RemapCheckpointResult:
         root = checkpoint._root  # the whole loaded object: wrapper and extras are written back as they were
         state = {new: checkpoint.tensor(old) for old, new in remap.mapping.items()}
         root = _replace_state(root, checkpoint.wrapper, state)
-        with AtomicFile(dst) as handle, open(handle.path, "wb") as stream:
+        need = sum(checkpoint.meta(old).nbytes for old in remap.mapping)
+        with disk_full_as_error(dst, need), AtomicFile(dst) as handle, open(handle.path, "wb") as stream:
             torch.save(root, stream, _use_new_zipfile_serialization=(fmt == "torch-zip"))
             stream.flush()
             handle.commit()

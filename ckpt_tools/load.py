@@ -30,14 +30,15 @@ def _resolve_preset(preset):
 
 def load_checkpoint(model, source, *, remap=None, expect_missing: Sequence[str] = (),
                     require: Sequence[str] = (), force: bool = False, preset=None, verify: bool = True,
-                    device: str | None = None) -> KeyReport:
+                    device: str | None = None, provenance=None) -> KeyReport:
     """Diff ``source`` against ``model``, then load every tensor that fits and verify it landed.
 
     ``source``: a path, hf:// reference or open Checkpoint. ``preset``: a preset name or
     ModelPreset whose remap, expectations, hints and post-load checks apply. ``force``: load even
     when the verdict fails (shape mismatches are still skipped). ``device``: where tensors of a
-    meta-device model are materialised (default ``cpu``). Raises LoadRefusedError (carrying the
-    report) when the verdict fails and ``force`` is not set.
+    meta-device model are materialised (default ``cpu``). ``provenance``: the WeightSource recorded
+    for every tensor loaded (default: the checkpoint's file name). Raises LoadRefusedError
+    (carrying the report) when the verdict fails and ``force`` is not set.
     """
     from .reader import Checkpoint, open_checkpoint
 
@@ -53,6 +54,7 @@ def load_checkpoint(model, source, *, remap=None, expect_missing: Sequence[str] 
                                        "(--force) to load the tensors that fit")
         report.load, bad = _load(model, ckpt, report, side.preset, device=device, verify=verify,
                                  forced=force and not report.ok)
+        _record(model, report, provenance, ckpt)
     finally:
         if ckpt is not source:
             ckpt.close()
@@ -61,6 +63,16 @@ def load_checkpoint(model, source, *, remap=None, expect_missing: Sequence[str] 
     for key, why, fix in bad:
         report.problems.append(Problem("load", key, why, fix))
     return report
+
+
+def _record(model, report: KeyReport, provenance, ckpt) -> None:
+    """Mark every loaded name (tied names too) as coming from this checkpoint."""
+    from pathlib import Path
+
+    from .provenance import WeightSource, record
+
+    source = provenance or WeightSource("checkpoint", Path(str(ckpt.source)).name)
+    record(model, source, names=[name for entry in report.loadable() for name in entry.names])
 
 
 def _refusal(report: KeyReport) -> str:

@@ -114,8 +114,9 @@ def _import(spec: str, config_path: str | None) -> Callable[..., Any]:
     return obj
 
 
-def build_from_config(path: str | Path, *, device: str | None = "meta", **overrides) -> Any:
-    """The model a config file describes (``device="meta"``: a skeleton, no weights allocated)."""
+def build_from_config(path: str | Path, *, device: str | None = "meta", full: bool = False, **overrides) -> Any:
+    """The model a config file describes (``device="meta"``: a skeleton, no weights allocated).
+    ``full``: return whatever the factory returned (e.g. ``(model, image_processor, tokenizer)``)."""
     kwargs = read_config(path)
     factory = find_factory(kwargs.pop("factory", None), config_path=str(path))
     kwargs.update(overrides)
@@ -126,6 +127,8 @@ def build_from_config(path: str | Path, *, device: str | None = "meta", **overri
     except TypeError as exc:
         raise UsageError(f"the model factory rejected the config: {exc}", path=str(path),
                          fix="check the keyword names against the factory's arguments") from None
+    if full:
+        return built
     return built[0] if isinstance(built, tuple) else built
 
 

@@ -39,6 +39,7 @@ class Checkpoint:
         self.aliases: list[list[str]] = []
         self._metas: dict[str, TensorMeta] = {}
         self.bytes_read: int | None = None
+        self.commit: str | None = None  # the hub commit a remote checkpoint was read at
 
     # -- listing (no tensor bytes) --
     def keys(self) -> list[str]:

@@ -4,25 +4,40 @@
 (``CHUNK_BYTES``), so converting a memory-mapped checkpoint costs page cache, not anonymous memory.
 Files are written through ``AtomicFile``: an unnamed temporary file in the destination folder
 (``O_TMPFILE``, so even a killed process leaves nothing), or a hidden named one where the
-filesystem lacks it, linked/renamed into place only on ``commit``.
+filesystem lacks it, linked/renamed into place only on ``commit``. A folder of shards is written
+through ``AtomicFolder``: a hidden sibling folder swapped into place only on ``commit``. A write
+refused for lack of room becomes a ``DiskFullError`` (``disk_full_as_error``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import functools
 import json
 import os
+import secrets
+import shutil
+import stat
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
+from .errors import CkptError, DiskFullError
 from .meta import TensorMeta, torch_dtype
 
 CHUNK_BYTES = 64 * 1024 * 1024
 WRITEBACK_BYTES = 64 * 1024 * 1024
 SYNC_FILE_RANGE_WRITE = 2
 HEADER_ALIGN = 8  # the safetensors library pads its header to 8 bytes so the data area is aligned
+# A write refused for lack of room (a full disk, a quota, a file size limit): retrying cannot help.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+STAGING_MARK = ".ckpt-tmp-"  # .NAME.ckpt-tmp-XXXXXXXX: a folder being written, or left by a killed run
+ASIDE_MARK = ".ckpt-old-"  # the replaced folder, where the kernel cannot swap two names in one step
+AT_FDCWD = -100
+RENAME_EXCHANGE = 2
 
 
 def build_header(metas: Iterable[TensorMeta], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -150,18 +165,23 @@ class AtomicFile:
 
 
 @functools.cache
-def _sync_file_range():
-    """libc's sync_file_range, or None where there is none (not Linux)."""
+def _libc_function(name: str, *argtypes: str):
+    """A libc function by name (argument types named as in ``ctypes``), or None where there is none."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        func = libc.sync_file_range
+        func = getattr(libc, name)
     except (OSError, AttributeError):
         return None
-    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    func.argtypes = [getattr(ctypes, t) for t in argtypes]
     return func
+
+
+def _sync_file_range():
+    """libc's sync_file_range, or None where there is none (not Linux)."""
+    return _libc_function("sync_file_range", "c_int", "c_int64", "c_int64", "c_uint")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -175,6 +195,169 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class AtomicFolder:
+    """A folder that appears at ``final`` complete or not at all; ``discard()`` (or an exception
+    in the ``with`` block) leaves nothing behind.
+
+    Files go into ``path``, a hidden sibling folder locked (``flock``) while this object holds it,
+    so that a later run removes the leftovers of killed runs and nothing else. ``commit`` brings
+    along the entries of an existing ``final`` that ``replaced(name)`` does not claim (as hard
+    links: no data is copied), then swaps the two folders: in one step where the kernel can
+    exchange two names (Linux ``renameat2``), else by moving the old folder aside first (a kill
+    in between leaves it under its hidden ``.ckpt-old-`` name).
+    """
+
+    def __init__(self, final: Path, replaced: Callable[[str], bool]) -> None:
+        # the real folder, so that a DST given as a symlink or "." is swapped where it lives
+        self.final = Path(os.path.realpath(final))
+        self.replaced = replaced
+        self.path: Path | None = None
+        self._lock: int | None = None
+
+    def __enter__(self) -> AtomicFolder:
+        self.open()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.discard()  # after commit() there is nothing left to discard
+
+    def open(self) -> Path:
+        _remove_stale_staging(self.final)
+        while self.path is None:
+            path = _fresh_name(self.final, STAGING_MARK)
+            os.mkdir(path)
+            self._lock = _lock_folder(path, wait=True)
+            # a run cleaning stale folders may have taken it between mkdir and the lock
+            if self._lock is not None and os.fstat(self._lock).st_nlink > 0:
+                self.path = path
+            else:
+                self._unlock()
+                shutil.rmtree(path, ignore_errors=True)
+        return self.path
+
+    def commit(self) -> None:
+        _fsync_dir(self.path)
+        if not self.final.is_dir():
+            os.rename(self.path, self.final)
+        else:
+            _link_entries(self.final, self.path, self.replaced)
+            os.chmod(self.path, stat.S_IMODE(self.final.stat().st_mode))
+            if not _exchange(self.path, self.final):
+                aside = _fresh_name(self.final, ASIDE_MARK)
+                os.rename(self.final, aside)
+                os.rename(self.path, self.final)
+                self.path = aside
+            shutil.rmtree(self.path, ignore_errors=True)  # now the old folder
+        self.path = None
+        self._unlock()
+        _fsync_dir(self.final.parent)
+
+    def discard(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+def _remove_stale_staging(final: Path) -> list[Path]:
+    """Remove the staging folders of ``final`` that killed runs left (those no live run holds)."""
+    final = Path(os.path.realpath(final))
+    prefix = f".{final.name}{STAGING_MARK}"
+    try:
+        candidates = [p for p in final.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return []
+    removed = []
+    for path in candidates:
+        lock = _lock_folder(path, wait=False) if path.is_dir() and not path.is_symlink() else None
+        if lock is None:
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(lock)
+    return removed
+
+
+def _fresh_name(final: Path, mark: str) -> Path:
+    while True:
+        path = final.parent / f".{final.name}{mark}{secrets.token_hex(4)}"
+        if not os.path.lexists(path):
+            return path
+
+
+def _lock_folder(path: Path, *, wait: bool) -> int | None:
+    """An fd holding an exclusive lock on the folder, or None if another process holds it or it
+    is gone. The lock dies with the process, however it ends."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _link_entries(old: Path, new: Path, replaced: Callable[[str], bool]) -> None:
+    """Give ``new`` every entry of ``old`` it lacks and ``replaced`` does not claim."""
+    for entry in os.scandir(old):
+        target = new / entry.name
+        if replaced(entry.name) or os.path.lexists(target):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), target)
+        elif entry.is_dir():
+            shutil.copytree(entry.path, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry.path, target)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:  # another filesystem mounted inside, or no hard links there
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two names in one step; False where the kernel or filesystem cannot."""
+    renameat2 = _libc_function("renameat2", "c_int", "c_char_p", "c_int", "c_char_p", "c_uint")
+    if renameat2 is None:
+        return False
+    import ctypes
+
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextlib.contextmanager
+def disk_full_as_error(destination: str | Path, need: int) -> Iterator[None]:
+    """Turn a write refused for lack of room (``DISK_FULL_ERRNOS``) into a ``DiskFullError`` that
+    names ``destination`` and about how many bytes (``need``) it takes. Partial output must be
+    removed inside the block: this only translates the error."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS or isinstance(exc, CkptError):
+            raise
+        raise DiskFullError(f"no room to write the output ({exc.strerror or exc}); nothing was kept",
+                            path=str(destination),
+                            fix=f"free disk space (need about {need} bytes) and run the command again") from exc
 
 
 class FileSpans:
@@ -286,7 +469,9 @@ def _write_tensor(out: AtomicFile, meta: TensorMeta, tensor, spans: FileSpans | 
     if span is not None:
         try:
             written = copy_span(out, span[0], span[1], meta.nbytes)
-        except OSError:  # e.g. an old kernel across filesystems: fall back to writing from memory
+        except OSError as exc:  # e.g. an old kernel across filesystems: fall back to writing from memory
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise  # writing from memory would only fail the same way
             span = None
     if span is None:
         for chunk in tensor_chunks(tensor, meta.dtype):

@@ -1,20 +1,44 @@
-"""validate(source, model=...) -> ValidationReport: inspect + key diff (+ a verified load), one verdict.
+"""validate(source, model=...) -> ValidationReport: the main job, one verdict.
 
-The core of ``ckpt validate``: open the checkpoint once, list it (no tensor bytes), build the target
-model from a preset or a model-config file (on the meta device unless told otherwise), diff, and
-with ``load=True`` load into that model and verify. Later steps (hub download, conversion,
-provenance) wrap this function rather than reimplement it.
+For a hub source (``hf://ORG/NAME[@REV]/PATH``, or ``ORG/NAME`` with a revision and the preset's
+file name) the revision is resolved to one commit first and everything after uses that commit:
+the checkpoint is inspected and diffed remotely (a wrong model shows before a byte of the weights
+is downloaded), then downloaded resumably and sha256-verified. Then, locally: inspect, diff, and
+optionally convert to safetensors (verified) and load into the model (verified), with a
+provenance summary when the model is built for real. A local source skips the hub steps.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .diff import KeyReport, checkpoint_side, compare, module_side
 from .errors import LoadRefusedError, UsageError
+
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class RemoteCheck:
+    """What was learnt about a hub checkpoint before downloading it."""
+
+    reference: str   # as the user gave it
+    pinned: str      # hf://ORG/NAME@<commit>/PATH
+    commit: str
+    bytes_fetched: int | None
+    keys: KeyReport
+
+    def to_dict(self) -> dict:
+        return {"reference": self.reference, "pinned": self.pinned, "commit": self.commit,
+                "bytes_fetched": self.bytes_fetched, "verdict": self.keys.verdict}
+
+    def line(self) -> str:
+        fetched = f"{self.bytes_fetched:,} bytes fetched" if self.bytes_fetched is not None else "listed"
+        return f"remote: pinned {self.pinned} ({fetched}); key check before download: {self.keys.verdict}"
 
 
 @dataclass
@@ -24,14 +48,22 @@ class ValidationReport:
     inspect: Any  # an InspectReport
     keys: KeyReport
     refused: str | None = None  # why a requested load was refused
+    remote: RemoteCheck | None = None
+    download: Any = None  # DownloadResult
+    conversion: Any = None  # ConversionResult
+    provenance: Any = None  # ProvenanceReport
+    stopped: str | None = None  # why the flow stopped early
+    built: tuple | None = field(default=None, repr=False)  # (model, image_processor, tokenizer) when built
 
     @property
     def verdict(self) -> str:
-        if self.refused or not self.keys.ok:
-            return "fail"
-        if self.keys.load is not None and not self.keys.load.get("verified"):
-            return "fail"
-        return "ok"
+        checks = [
+            self.refused is None, self.stopped is None, self.keys.ok,
+            self.keys.load is None or bool(self.keys.load.get("verified")),
+            self.conversion is None or bool(self.conversion.verified),
+            self.provenance is None or self.provenance.verdict == "ok",
+        ]
+        return "ok" if all(checks) else "fail"
 
     @property
     def ok(self) -> bool:
@@ -44,83 +76,232 @@ class ValidationReport:
             out["load"] = {"refused": self.refused, "loaded": 0, "verified": False}
         elif self.keys.load is not None:
             out["load"] = dict(self.keys.load)
+        for name in ("remote", "download", "conversion", "provenance"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value.to_dict()
+        if self.stopped:
+            out["stopped"] = self.stopped
         return out
 
     def verdict_line(self) -> str:
         line = f"verdict: {self.verdict.upper()} ({self.keys.summary_line()})"
+        if self.stopped:
+            line += f"; stopped: {self.stopped}"
         if self.refused:
             line += "; load refused"
         elif self.keys.load is not None:
             line += f"; loaded {self.keys.load['loaded']}, verified: {str(self.keys.load['verified']).lower()}"
+        if self.provenance is not None:
+            line += f"; randomly initialised: {self.provenance.random_params:,} parameters"
         return line
+
+    def step_lines(self) -> list[str]:
+        lines = [self.remote.line()] if self.remote else []
+        if self.download is not None:
+            for f in self.download.files:
+                resumed = f", resumed from {f.resumed_from:,}" if f.resumed_from else ""
+                lines.append(f"download: {f.path} @ {self.download.commit[:12]}: {f.size:,} bytes, sha256 "
+                             f"{f.sha256[:16]}… verified ({f.bytes_transferred:,} transferred{resumed})")
+        if self.conversion is not None:
+            c = self.conversion
+            lines.append(f"convert: {c.destination} ({c.bytes_written:,} bytes, "
+                         f"{'verified bit for bit' if c.verified else 'NOT verified'})")
+        if self.provenance is not None:
+            lines.append(f"provenance: {self.provenance.summary()}")
+        return lines
 
     def rich_table(self):
         from rich.console import Group
         from rich.text import Text
 
-        parts = [Text("inspect", style="bold"), *(Text(line) for line in self.inspect._summary_lines()),
-                 Text(""), self.keys.rich_table(with_verdict=False)]
+        parts = [Text("inspect", style="bold"), *(Text(line) for line in self.inspect._summary_lines())]
+        parts += [Text(line) for line in self.step_lines()]
+        parts += [Text(""), self.keys.rich_table(with_verdict=False)]
+        if self.provenance is not None:
+            parts.append(self.provenance.rich_table())
         if self.refused:
             parts.append(Text(f"load refused: {self.refused}", style="red"))
         parts.append(Text(self.verdict_line(), style="bold green" if self.ok else "bold red"))
         return Group(*parts)
 
     def to_markdown(self) -> str:
-        summary = "\n".join(f"- {line}" for line in self.inspect._summary_lines())
+        summary = "\n".join(f"- {line}" for line in self.inspect._summary_lines() + self.step_lines())
         text = f"## Validation: **{self.verdict}**\n\n{summary}\n\n{self.keys.to_markdown()}"
+        if self.provenance is not None:
+            text += "\n" + self.provenance.to_markdown() + "\n"
         if self.refused:
             text += f"\nLoad refused: {self.refused}\n"
         return text + f"\n**{self.verdict_line()}**\n"
 
 
+@dataclass
+class Target:
+    model: Any
+    preset: Any
+    label: str
+    built: tuple | None = None  # the factory's whole result, when a factory built it
+
+
 def build_target(model: str | None = None, model_config: str | Path | None = None, *,
-                 device: str = "meta") -> tuple[Any, Any, str]:
-    """(module, preset or None, label) for a preset name or a model-config file."""
-    if (model is None) == (model_config is None):
-        raise UsageError("give exactly one of a model preset (--model) or a model config (--model-config)",
+                 device: str = "meta") -> Target:
+    """The model to check against: a preset's skeleton, or a config's factory build (the preset, when
+    both are given, still supplies the expectations, hints and post-load checks)."""
+    if model is None and model_config is None:
+        raise UsageError("give a model preset (--model) or a model config (--model-config)",
                          fix="e.g. --model openflamingo-3b-vitl-mpt1b")
+    preset = None
     if model is not None:
         from .presets import get_preset
 
         preset = get_preset(model)
-        return preset.build(device=device), preset, preset.name
+    if model_config is None:
+        return Target(preset.build(device=device), preset, preset.name)
     from .modelconfig import build_from_config
 
-    return build_from_config(model_config, device=device), None, str(model_config)
+    built = build_from_config(model_config, device=device, full=True)
+    module = built[0] if isinstance(built, tuple) else built
+    return Target(module, preset, preset.name if preset else str(model_config),
+                  built if isinstance(built, tuple) else (built,))
+
+
+def hub_reference(source: str, *, revision: str | None, preset_name: str | None):
+    """The HfReference a source names, or None for a local path."""
+    from .formats.remote import HfReference, parse_hf_reference
+
+    if source.startswith("hf://"):
+        ref = parse_hf_reference(source)
+        if revision and "@" in source.split("/", 4)[3] and revision != ref.revision:
+            raise UsageError(f"--revision {revision} contradicts the reference's @{ref.revision}", path=source,
+                             fix="give the revision once")
+        return HfReference(ref.repo_id, revision or ref.revision, ref.path)
+    if Path(source).exists() or not _REPO_ID.match(source):
+        return None
+    filename = None
+    if preset_name:
+        from .presets import get_preset
+
+        filename = get_preset(preset_name).filename
+    if not filename:
+        raise UsageError("a repo id needs the checkpoint's file name", path=source,
+                         fix=f"write hf://{source}[@REVISION]/FILE, or give --model with a preset that names it")
+    return HfReference(source, revision or "main", filename)
 
 
 def validate(source: str | Path, *, model: str | None = None, model_config: str | Path | None = None,
              remap=None, expect_missing: Sequence[str] = (), require: Sequence[str] = (),
-             load: bool = False, force: bool = False, device: str = "meta",
-             load_device: str | None = None) -> ValidationReport:
-    """Inspect ``source``, diff it against the model a preset or config builds, optionally load it.
+             load: bool = False, force: bool = False, device: str = "meta", load_device: str | None = None,
+             revision: str | None = None, endpoint: str | None = None, token: str | None = None,
+             cache_dir: str | Path | None = None, lock: str | Path | None = None,
+             convert: str | Path | None = None) -> ValidationReport:
+    """Validate a checkpoint against the model it is meant for; see the module docstring.
 
     ``device``: where the target model is built (``meta``: a skeleton; tensors loaded into it are
-    materialised on ``load_device``, default cpu, and the rest stay on meta).
+    materialised on ``load_device``, default cpu). ``convert``: also write a verified
+    ``.safetensors`` there (and load from it). ``force``: go on past a failing key check.
     """
+    build_target_check = model is None and model_config is None
+    if build_target_check:
+        build_target(model, model_config)  # raises the usage error before anything is opened
+    options = {"remap": remap, "expect_missing": expect_missing, "require": require}
+    ref = hub_reference(str(source), revision=revision, preset_name=model)
+    remote = download = None
+    local = source
+    if ref is not None:
+        remote = _remote_check(ref, str(source), model, model_config, endpoint, token, options)
+        if not remote.keys.ok and not force:
+            return ValidationReport(str(source), remote.keys.target, _listing(remote.pinned, None, remote),
+                                    remote.keys, remote=remote,
+                                    stopped="the key check failed before download (pass --force to download anyway)")
+        from .hub import download as fetch
+
+        download = fetch(ref.repo_id, [ref.path], revision=remote.commit, cache_dir=cache_dir,
+                         endpoint=endpoint, token=token, lock=lock)
+        local = download.files[0].local_path
+    report = _validate_local(local, str(source), model, model_config, options, load=load, force=force,
+                             device=device, load_device=load_device, convert=convert,
+                             origin=_origin(ref, remote, download, local))
+    report.remote, report.download = remote, download
+    return report
+
+
+def _listing(source: str, ckpt, remote: RemoteCheck | None = None):
     from .inspect import InspectReport
+
+    if ckpt is None:
+        return InspectReport(source=source, format="hub", wrapper=None, tensors={},
+                             bytes_read=remote.bytes_fetched if remote else None)
+    return InspectReport(source=source, format=ckpt.format, wrapper=ckpt.wrapper, tensors=ckpt.metas(),
+                         aliases=[list(g) for g in ckpt.aliases], extras=dict(ckpt.extras),
+                         metadata=dict(ckpt.metadata), notes=list(ckpt.notes),
+                         bytes_read=getattr(ckpt, "bytes_read", None))
+
+
+def _remote_check(ref, given: str, model, model_config, endpoint, token, options) -> RemoteCheck:
+    """Pin the revision and diff the remote listing against the skeleton (meta device)."""
+    from .formats.remote import HfReference, open_remote
+
+    with open_remote(ref, endpoint=endpoint, token=token) as ckpt:
+        commit = ckpt.commit
+        target = build_target(model, model_config, device="meta")
+        keys = _diff(ckpt, target, options)
+        fetched = ckpt.bytes_read
+    pinned = str(HfReference(ref.repo_id, commit, ref.path))
+    return RemoteCheck(given, pinned, commit, fetched, keys)
+
+
+def _diff(ckpt, target: Target, options: dict) -> KeyReport:
+    side = module_side(target.model, label=target.label)
+    side.preset = target.preset
+    return compare(checkpoint_side(ckpt), side, **options)
+
+
+def _origin(ref, remote: RemoteCheck | None, download, local) -> Any:
+    """Where the checkpoint's tensors come from, for provenance."""
+    from .provenance import WeightSource
+
+    if ref is None:
+        return WeightSource("checkpoint", Path(str(local)).name)
+    return WeightSource("checkpoint", f"{ref.repo_id}/{ref.path}", revision=remote.commit,
+                        sha256=download.files[0].sha256)
+
+
+def _validate_local(local, given: str, model, model_config, options: dict, *, load: bool, force: bool,
+                    device: str, load_device: str | None, convert, origin) -> ValidationReport:
     from .load import load_checkpoint
     from .reader import open_checkpoint
 
-    if (model is None) == (model_config is None):
-        build_target(model, model_config)  # raises the usage error before anything is opened
-    with open_checkpoint(source) as ckpt:
-        target, preset, label = build_target(model, model_config, device=device)
-        listing = InspectReport(source=str(source), format=ckpt.format, wrapper=ckpt.wrapper,
-                                tensors=ckpt.metas(), aliases=[list(g) for g in ckpt.aliases],
-                                extras=dict(ckpt.extras), metadata=dict(ckpt.metadata),
-                                notes=list(ckpt.notes), bytes_read=getattr(ckpt, "bytes_read", None))
-        if not load:
-            side = module_side(target, label=label)
-            side.preset = preset
-            keys = compare(checkpoint_side(ckpt), side, remap=remap, expect_missing=expect_missing,
-                           require=require)
-            return ValidationReport(str(source), label, listing, keys)
+    with open_checkpoint(local) as ckpt:
+        target = build_target(model, model_config, device=device)
+        listing = _listing(given, ckpt)
+        if not load and convert is None:
+            return ValidationReport(given, target.label, listing, _diff(ckpt, target, options), built=target.built)
+        keys = _diff(ckpt, target, options)
+    report = ValidationReport(given, target.label, listing, keys, built=target.built)
+    if not keys.ok and not force:
+        report.stopped = "the key check failed (pass --force to convert or load anyway)"
+        return report
+    load_from = local
+    if convert is not None:
+        from .convert import convert_to_safetensors
+
+        report.conversion = convert_to_safetensors(local, convert, rules=options["remap"], force=True)
+        load_from = convert
+    if load:
         try:
-            keys = load_checkpoint(target, ckpt, remap=remap, expect_missing=expect_missing, require=require,
-                                   force=force, preset=preset, device=load_device)
+            report.keys = load_checkpoint(target.model, load_from, **options, force=force, preset=target.preset,
+                                          device=load_device, provenance=origin)
         except LoadRefusedError as exc:
-            exc.report.target = label
-            return ValidationReport(str(source), label, listing, exc.report, refused=exc.message)
-    keys.target = label
-    return ValidationReport(str(source), label, listing, keys)
+            exc.report.target = target.label
+            report.keys, report.refused = exc.report, exc.message
+        report.keys.target = target.label
+        if target.built is not None and device != "meta":
+            report.provenance = _provenance(target)
+    return report
+
+
+def _provenance(target: Target):
+    from .provenance import provenance_report
+
+    split = tuple((target.preset.info or {}).get("provenance_split", ())) if target.preset else ()
+    return provenance_report(target.model, split=split)

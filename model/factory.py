@@ -128,11 +128,27 @@ def load_vision_encoder(path: str, pretrained: str | None, *, device: torch.devi
     import open_clip
 
     name, config = _clip_name_and_config(path)
-    with torch.device(device) if device.type == "meta" else contextlib.nullcontext():
+    with torch.device(device) if device.type == "meta" else contextlib.nullcontext(), _quiet_root_warnings(not pretrained):
         clip, _, image_processor = open_clip.create_model_and_transforms(
             name, pretrained=pretrained or None, device=device, cache_dir=cache_dir)
     width = (config or {}).get("vision_cfg", {}).get("width") or clip.visual.transformer.width
     return clip, image_processor, int(width)
+
+
+@contextlib.contextmanager
+def _quiet_root_warnings(quiet: bool):
+    """open_clip warns on the root logger that no pretrained weights were loaded; when none were
+    asked for (a skeleton, a random init) that is the intent, and provenance reports it anyway."""
+    import logging
+
+    root = logging.getLogger()
+    previous = root.level
+    if quiet:
+        root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
 
 
 def _clip_name_and_config(path: str) -> tuple[str, dict | None]:

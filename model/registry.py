@@ -111,6 +111,8 @@ class FlamingoSpec:
             "lm_config": dict(self.lm_config), "notes": self.notes,
             "factory": FACTORY, "assets": self.assets,
             "demo": self.demo,
+            # provenance reports show the trained inserts apart from the LM blocks they sit in
+            "provenance_split": ("gated_cross_attn_layer",),
         }
 
 

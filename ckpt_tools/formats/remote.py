@@ -210,6 +210,7 @@ def open_remote(ref: str | HfReference, *, endpoint: str | None = None, token: s
     if parsed.path.endswith(INDEX_SUFFIX):
         return RemoteShardedCheckpoint(parsed, commit, fileobj, source, endpoint=endpoint, token=token, retry=retry)
     checkpoint = open_fileobj(fileobj, name=parsed.path, source=source)
+    checkpoint.commit = commit
     checkpoint.bytes_read = fileobj.bytes_fetched
     checkpoint.notes.append(f"read remotely at commit {commit}: {fileobj.bytes_fetched} of {fileobj.size} bytes "
                             f"fetched in {fileobj.requests} range requests")
@@ -228,6 +229,7 @@ class RemoteShardedCheckpoint(Checkpoint):
         from .sharded import ShardedCheckpoint, _shard_path
 
         super().__init__(source)
+        self.commit = commit
         try:
             index = json.loads(index_file.readall().decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:

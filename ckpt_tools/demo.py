@@ -1,0 +1,214 @@
+"""``ckpt demo``: the main job end to end, offline, on a tiny OpenFlamingo published locally.
+
+1. make base weights (a vision tower file, an LM folder) and a trained-parts ``checkpoint.pt``
+   in the published layout, with the demo kit of the preset (``ModelPreset.info["demo"]``);
+2. publish both to a hub folder and serve it with ``ckpt serve`` on a free loopback port;
+3. ``validate`` the checkpoint as a user would a real one: pin the revision, inspect and diff it
+   remotely, download it resumably and verified, diff, convert to safetensors, load into the
+   model built from the hub (LM at a pinned commit) with verification and provenance;
+4. generate a few tokens with the loaded model.
+
+Everything lives in a temporary folder that is removed at the end (``keep`` keeps a copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CkptError, UsageError
+from .render import markdown_table, rich_table
+
+DEFAULT_PRESET = "openflamingo-tiny"
+
+
+@dataclass
+class DemoStep:
+    name: str
+    detail: str
+    seconds: float
+    ok: bool = True
+
+    def row(self) -> list[object]:
+        return [self.name, "ok" if self.ok else "FAIL", f"{self.seconds:.1f}s", self.detail]
+
+
+@dataclass
+class DemoReport:
+    preset: str
+    steps: list[DemoStep] = field(default_factory=list)
+    validation: Any = None  # ValidationReport
+    generation: str = ""
+    kept: str | None = None
+
+    @property
+    def verdict(self) -> str:
+        good = all(s.ok for s in self.steps) and self.validation is not None and self.validation.ok
+        return "ok" if good else "fail"
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == "ok"
+
+    def to_dict(self) -> dict:
+        return {"verdict": self.verdict, "preset": self.preset,
+                "steps": [{"name": s.name, "ok": s.ok, "seconds": round(s.seconds, 3), "detail": s.detail}
+                          for s in self.steps],
+                "validation": self.validation.to_dict() if self.validation is not None else None,
+                "generation": self.generation, "kept": self.kept}
+
+    def rich_table(self):
+        from rich.console import Group
+        from rich.text import Text
+
+        parts: list[Any] = [rich_table(f"ckpt demo ({self.preset})", ["step", "", "time", "what happened"],
+                                       [s.row() for s in self.steps])]
+        if self.validation is not None:
+            parts += [Text(""), self.validation.rich_table()]
+        parts.append(Text(f"demo verdict: {self.verdict.upper()}", style="bold green" if self.ok else "bold red"))
+        return Group(*parts)
+
+    def to_markdown(self) -> str:
+        text = f"## ckpt demo ({self.preset}): **{self.verdict}**\n\n"
+        text += markdown_table(["step", "", "time", "what happened"], [s.row() for s in self.steps]) + "\n"
+        if self.validation is not None:
+            text += "\n" + self.validation.to_markdown()
+        return text
+
+
+def _import(spec: str):
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _demo_kit(preset_name: str):
+    from .presets import get_preset
+
+    preset = get_preset(preset_name)
+    spec = (preset.info or {}).get("demo")
+    if not spec:
+        raise UsageError(f"preset {preset_name!r} has no demo kit", fix=f"use --preset {DEFAULT_PRESET}")
+    return _import(spec)()
+
+
+@contextlib.contextmanager
+def served(folder: Path, timeout: float = 60.0) -> Iterator[str]:
+    """Run ``ckpt serve FOLDER --port 0`` in a child process; yield its endpoint URL."""
+    process = subprocess.Popen([sys.executable, "-m", "ckpt_tools", "serve", str(folder), "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = _first_line(process, timeout)
+        endpoint = next((w for w in line.split() if w.startswith("http://")), None)
+        if endpoint is None:
+            raise CkptError(f"`ckpt serve` did not report its address (said: {line.strip()!r})",
+                            path=str(folder), fix="run `ckpt serve DIR --port 0` by hand to see why")
+        yield endpoint.rstrip("/")
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _first_line(process: subprocess.Popen, timeout: float) -> str:
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    if not selector.select(timeout):
+        raise CkptError("`ckpt serve` did not start in time", fix="check that loopback networking works")
+    return process.stdout.readline()
+
+
+class _Steps:
+    """Times each step and feeds it to the report and the progress callback."""
+
+    def __init__(self, report: DemoReport, progress: Callable[[DemoStep], None] | None) -> None:
+        self.report, self.progress = report, progress
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[dict]:
+        note = {"detail": "", "ok": True}
+        started = time.perf_counter()
+        yield note
+        done = DemoStep(name, note["detail"], time.perf_counter() - started, note["ok"])
+        self.report.steps.append(done)
+        if self.progress:
+            self.progress(done)
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    logging.getLogger("open_clip").setLevel(logging.ERROR)
+
+
+def run_demo(*, preset: str = DEFAULT_PRESET, keep: str | Path | None = None, seed: int = 0,
+             progress: Callable[[DemoStep], None] | None = None) -> DemoReport:
+    """Build, publish, serve, validate (pin, remote diff, download, convert, load), generate."""
+    from .hub import download
+    from .server import publish
+    from .validation import validate
+
+    _quiet_libraries()
+    kit = _demo_kit(preset)
+    report = DemoReport(preset)
+    steps = _Steps(report, progress)
+    with tempfile.TemporaryDirectory(prefix="ckpt-demo-") as tmp:
+        work = Path(tmp)
+        with steps.step("make") as note:
+            assets = kit.write_base_weights(work / "build")
+            count = kit.write_checkpoint(assets, work / "build" / kit.filename, seed)
+            note["detail"] = (f"tiny base weights (vision tower file, LM folder) and {kit.filename} with "
+                              f"{count} trained tensors in the published layout")
+        with steps.step("publish") as note:
+            lm_files = {p.relative_to(assets["lm"]).as_posix(): p for p in sorted(assets["lm"].rglob("*")) if p.is_file()}
+            lm_commit = publish(work / "hub", kit.lm_repo_id, lm_files)
+            commit = publish(work / "hub", kit.repo_id, {kit.filename: work / "build" / kit.filename})
+            note["detail"] = f"{kit.repo_id}@{commit[:7]} and {kit.lm_repo_id}@{lm_commit[:7]} in a local hub folder"
+        cache = work / "cache"
+        with served(work / "hub") as endpoint:
+            report.steps.append(DemoStep("serve", f"`ckpt serve` answering at {endpoint}", 0.0))
+            with steps.step("fetch LM") as note:
+                lm = download(kit.lm_repo_id, revision="main", cache_dir=cache, endpoint=endpoint)
+                note["detail"] = (f"{kit.lm_repo_id} pinned to {lm.commit[:7]}: {len(lm.files)} files, "
+                                  "sha256-verified")
+            config = work / "model.json"
+            config.write_text(json.dumps(kit.factory_kwargs(assets, lm_commit=lm.commit, cache_dir=cache)))
+            (work / "out").mkdir()
+            with steps.step("validate") as note:
+                result = validate(f"hf://{kit.repo_id}@main/{kit.filename}", model=preset, model_config=config,
+                                  endpoint=endpoint, cache_dir=cache, lock=work / "checkpoint.lock",
+                                  convert=work / "out" / "model.safetensors", load=True, device="cpu")
+                report.validation = result
+                note["ok"] = result.ok
+                note["detail"] = result.verdict_line()
+        if result.built is not None:
+            with steps.step("generate") as note:
+                model, image_processor, tokenizer = result.built
+                report.generation = kit.generate(model, image_processor, tokenizer)
+                note["detail"] = repr(report.generation)
+        if keep:
+            shutil.copytree(work, keep, dirs_exist_ok=True)
+            report.kept = str(keep)
+    return report
