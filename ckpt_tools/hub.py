@@ -146,10 +146,12 @@ def _transient(exc: BaseException) -> _Transient | None:
     import httpx2
     import requests
     import urllib3
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     if isinstance(exc, _Transient):
         return exc
+    if isinstance(exc, OfflineModeIsEnabled):  # a setting, not a flaky network: retrying cannot help
+        return None
     if isinstance(exc, HfHubHTTPError) and exc.response is not None:
         status = exc.response.status_code
         if status in RETRY_STATUSES:
@@ -474,12 +476,20 @@ def _locked_files(lockfile: LockFile, requested: list[str], lock) -> list[str]:
 
 def _hub_errors(repo_id: str, path: str | None, revision: str):
     """Map huggingface_hub's 404s to one-line errors with a fix."""
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     @contextlib.contextmanager
     def mapping():
         try:
             yield
+        except OfflineModeIsEnabled:
+            raise HubError("HF_HUB_OFFLINE is set, so huggingface_hub refuses every request, even to a local "
+                           "mirror", path=repo_id, fix="unset HF_HUB_OFFLINE to reach the hub or a `ckpt serve` mirror") from None
         except RepositoryNotFoundError:
             raise HubError("repository not found (or not accessible with this token)", path=repo_id,
                            fix="check the repo id, HF_ENDPOINT and HF_TOKEN") from None
