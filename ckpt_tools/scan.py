@@ -586,18 +586,13 @@ def scan_pickle(source: str | os.PathLike | BinaryIO) -> ScanReport:
 def _shard_files(path: Path, source: str) -> list[Path]:
     """The files a folder or index stands for, chosen and validated as the reader does."""
     from .formats import _pick_from_folder
-    from .formats.sharded import ShardedCheckpoint, _shard_path
+    from .formats.sharded import local_shards, parse_index
 
     if path.is_dir():
         path = _pick_from_folder(path)
         if not path.name.endswith(".index.json"):
             return [path]
-    weight_map = ShardedCheckpoint._read_index(path, source)["weight_map"]
-    shards = [_shard_path(path, shard, source) for shard in dict.fromkeys(weight_map.values())]
-    missing = [p for p in shards if not p.is_file()]
-    if missing:
-        raise CheckpointNotFoundError(f"index names shard '{missing[0].name}', which is missing", path=source,
-                                      fix=f"download or copy {missing[0].name} next to the index")
+    shards = list(local_shards(path, parse_index(path.read_bytes(), source), source).values())
     return shards
 
 

@@ -61,7 +61,7 @@ def open_local(path: Path, **options) -> Checkpoint:
     if path.is_dir():
         return open_local(_pick_from_folder(path), **options)
     if sharded.sniff(path):
-        return sharded.ShardedCheckpoint(path, str(path))
+        return sharded.open_index_path(path, str(path))
     try:
         with path.open("rb") as handle:
             head = handle.read(SNIFF_BYTES)

@@ -9,14 +9,13 @@ so inspecting a 4 GB checkpoint moves well under 1% of it.
 from __future__ import annotations
 
 import io
-import json
 import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from ..errors import HubError, InvalidCheckpointError, UsageError
+from ..errors import HubError, UsageError
 from ..reader import Checkpoint
 
 REFERENCE_RE = re.compile(r"^hf://(?P<org>[^/@]+)/(?P<name>[^/@]+)(?:@(?P<rev>[^/]+))?/(?P<path>.+)$")
@@ -208,7 +207,7 @@ def open_remote(ref: str | HfReference, *, endpoint: str | None = None, token: s
     fileobj, commit = open_range_file(parsed, endpoint=endpoint, token=token, retry=retry, block_size=block_size)
     source = str(ref)
     if parsed.path.endswith(INDEX_SUFFIX):
-        return RemoteShardedCheckpoint(parsed, commit, fileobj, source, endpoint=endpoint, token=token, retry=retry)
+        return open_remote_index(parsed, commit, fileobj, source, endpoint=endpoint, token=token, retry=retry)
     checkpoint = open_fileobj(fileobj, name=parsed.path, source=source)
     checkpoint.commit = commit
     checkpoint.bytes_read = fileobj.bytes_fetched
@@ -217,55 +216,19 @@ def open_remote(ref: str | HfReference, *, endpoint: str | None = None, token: s
     return checkpoint
 
 
-class RemoteShardedCheckpoint(Checkpoint):
+def open_remote_index(ref: HfReference, commit: str, index_file: RangeFile, source: str, **remote) -> Checkpoint:
     """A sharded checkpoint on the hub: the index, then each shard read by ranges at one commit."""
+    import posixpath
 
-    format = "sharded"
+    from .sharded import ShardedCheckpoint, parse_index
 
-    def __init__(self, ref: HfReference, commit: str, index_file: RangeFile, source: str, **remote) -> None:
-        import posixpath
-        from pathlib import Path
+    folder = posixpath.dirname(ref.path)
 
-        from .sharded import ShardedCheckpoint, _shard_path
+    def open_shard(shard: str) -> Checkpoint:
+        return open_remote(HfReference(ref.repo_id, commit, posixpath.join(folder, shard) if folder else shard),
+                           **remote)
 
-        super().__init__(source)
-        self.commit = commit
-        try:
-            index = json.loads(index_file.readall().decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise InvalidCheckpointError(f"index is not valid JSON ({exc})", path=source,
-                                         fix="regenerate the index") from None
-        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-            raise InvalidCheckpointError("index has no 'weight_map' object", path=source,
-                                         fix="an index needs {\"weight_map\": {key: shard file}}")
-        self.metadata = {str(k): str(v) for k, v in (index.get("metadata") or {}).items()}
-        folder = posixpath.dirname(ref.path)
-        self._shards: dict[str, Checkpoint] = {}
-        fetched = index_file.bytes_fetched
-        try:
-            for shard in dict.fromkeys(index["weight_map"].values()):
-                _shard_path(Path("."), shard, source)  # the same name checks as a local index
-                shard_ref = HfReference(ref.repo_id, commit, posixpath.join(folder, shard) if folder else shard)
-                self._shards[shard] = open_remote(shard_ref, **remote)
-                fetched += self._shards[shard].bytes_read or 0
-        except BaseException:
-            self.close()
-            raise
-        self._where: dict[str, Checkpoint] = {}
-        for key, shard in index["weight_map"].items():
-            part = self._shards[shard]
-            if key not in part:
-                raise InvalidCheckpointError(f"index places this key in '{shard}', which does not hold it",
-                                             path=source, key=key, fix="regenerate the index from the shards")
-            self._where[key] = part
-            self._metas[key] = part.meta(key)
-        self.format = "sharded-" + next(iter(self._shards.values())).format if self._shards else "sharded"
-        ShardedCheckpoint._collect_from_shards(self)
-        self.bytes_read = fetched
-
-    def _load_tensor(self, key: str):
-        return self._where[key].tensor(key)
-
-    def close(self) -> None:
-        for part in getattr(self, "_shards", {}).values():
-            part.close()
+    checkpoint = ShardedCheckpoint(source, parse_index(index_file.readall(), source), open_shard)
+    checkpoint.commit = commit
+    checkpoint.bytes_read = index_file.bytes_fetched + sum(p.bytes_read or 0 for p in checkpoint.shards.values())
+    return checkpoint

@@ -8,6 +8,7 @@ kept open, so listing a 30-shard safetensors checkpoint reads 30 headers and not
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from ..errors import CheckpointNotFoundError, InvalidCheckpointError
@@ -20,7 +21,25 @@ def sniff(path: Path) -> bool:
     return path.name.endswith(INDEX_SUFFIX)
 
 
-def _shard_path(index_path: Path, shard: object, source: str) -> Path:
+def parse_index(raw: bytes, source: str) -> dict:
+    """The index JSON, checked to hold a ``weight_map`` object."""
+    try:
+        index = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidCheckpointError(f"index is not valid JSON ({exc})", path=source,
+                                     fix="regenerate the index") from None
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise InvalidCheckpointError("index has no 'weight_map' object", path=source,
+                                     fix="an index needs {\"weight_map\": {key: shard file}}")
+    return index
+
+
+def shard_names(index: dict) -> list[str]:
+    return list(dict.fromkeys(index["weight_map"].values()))
+
+
+def check_shard_name(shard: object, source: str) -> PurePosixPath:
+    """A shard name as a relative path that stays inside the index's folder."""
     if not isinstance(shard, str) or not shard:
         raise InvalidCheckpointError(f"weight_map names a shard {shard!r} that is not a file name", path=source,
                                      fix="each weight_map value must be a shard file name")
@@ -28,56 +47,48 @@ def _shard_path(index_path: Path, shard: object, source: str) -> Path:
     if pure.is_absolute() or ".." in pure.parts or "\\" in shard:
         raise InvalidCheckpointError(f"shard name {shard!r} escapes the checkpoint folder", path=source,
                                      fix="shard names must be plain relative names inside the index's folder")
-    return index_path.parent / pure
+    return pure
+
+
+def local_shards(index_path: Path, index: dict, source: str) -> dict[str, Path]:
+    """{shard name: path} for a local index, every name validated and every shard present."""
+    paths = {shard: index_path.parent / check_shard_name(shard, source) for shard in shard_names(index)}
+    for shard, path in paths.items():
+        if not path.is_file():
+            raise CheckpointNotFoundError(f"index names shard '{shard}', which is missing", path=source,
+                                          fix=f"download or copy {shard} next to the index")
+    return paths
 
 
 class ShardedCheckpoint(Checkpoint):
+    """An index and its shards, each shard opened by ``open_shard(name)`` (local or remote)."""
+
     format = "sharded"
 
-    def __init__(self, index_path: Path, source: str) -> None:
+    def __init__(self, source: str, index: dict, open_shard: Callable[[str], Checkpoint]) -> None:
         super().__init__(source)
-        index = self._read_index(index_path, source)
-        weight_map = index["weight_map"]
         self.metadata = {str(k): str(v) for k, v in (index.get("metadata") or {}).items()}
-        shard_paths = {s: _shard_path(index_path, s, source) for s in dict.fromkeys(weight_map.values())}
-        for shard, shard_path in shard_paths.items():
-            if not shard_path.is_file():
-                raise CheckpointNotFoundError(f"index names shard '{shard}', which is missing", path=source,
-                                              fix=f"download or copy {shard} next to the index")
-        from . import open_local
-
-        self._shards = {}
+        self.shards: dict[str, Checkpoint] = {}
         try:
-            for shard, shard_path in shard_paths.items():
-                self._shards[shard] = open_local(shard_path)
+            for shard in shard_names(index):
+                check_shard_name(shard, source)
+                self.shards[shard] = open_shard(shard)
         except BaseException:
             self.close()
             raise
         self._where: dict[str, Checkpoint] = {}
-        for key, shard in weight_map.items():
-            part = self._shards[shard]
+        for key, shard in index["weight_map"].items():
+            part = self.shards[shard]
             if key not in part:
                 raise InvalidCheckpointError(f"index places this key in '{shard}', which does not hold it",
                                              path=source, key=key, fix="regenerate the index from the shards")
             self._where[key] = part
             self._metas[key] = part.meta(key)
-        self.format = "sharded-" + next(iter(self._shards.values())).format if self._shards else "sharded"
+        self.format = "sharded-" + next(iter(self.shards.values())).format if self.shards else "sharded"
         self._collect_from_shards()
 
-    @staticmethod
-    def _read_index(index_path: Path, source: str) -> dict:
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise InvalidCheckpointError(f"index is not valid JSON ({exc})", path=source,
-                                         fix="regenerate the index") from None
-        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-            raise InvalidCheckpointError("index has no 'weight_map' object", path=source,
-                                         fix="an index needs {\"weight_map\": {key: shard file}}")
-        return index
-
     def _collect_from_shards(self) -> None:
-        for shard, part in self._shards.items():
+        for shard, part in self.shards.items():
             self.extras.update({f"{shard}:{k}": v for k, v in part.extras.items()})
             self.aliases.extend(part.aliases)
             self.notes.extend(f"{shard}: {note}" for note in part.notes)
@@ -85,11 +96,19 @@ class ShardedCheckpoint(Checkpoint):
                 self.wrapper = part.wrapper
 
     def extra_values(self) -> dict[str, object]:
-        return {f"{shard}:{k}": v for shard, part in self._shards.items() for k, v in part.extra_values().items()}
+        return {f"{shard}:{k}": v for shard, part in self.shards.items() for k, v in part.extra_values().items()}
 
     def _load_tensor(self, key: str):
         return self._where[key].tensor(key)
 
     def close(self) -> None:
-        for part in getattr(self, "_shards", {}).values():
+        for part in getattr(self, "shards", {}).values():
             part.close()
+
+
+def open_index_path(index_path: Path, source: str) -> ShardedCheckpoint:
+    from . import open_local
+
+    index = parse_index(index_path.read_bytes(), source)
+    paths = local_shards(index_path, index, source)
+    return ShardedCheckpoint(source, index, lambda shard: open_local(paths[shard]))
