@@ -248,13 +248,15 @@ def diff(source: str, model: str | None, model_config: str | None, against: str 
 @click.option("--load", "do_load", is_flag=True,
               help="Also load the checkpoint into the model and verify every tensor landed.")
 @click.option("--force", is_flag=True, help="Go on past a failing key check (download, convert, load what fits).")
+@click.option("--allow-random", is_flag=True,
+              help="With --load on a model built for real: accept parameters that stay randomly initialised.")
 @click.option("--device", default="meta", show_default=True,
               help="Where to build the model; on meta only loaded tensors are materialised (on cpu).")
 @format_option
 def validate(source: str, model: str | None, model_config: str | None, expect_missing: tuple[str, ...],
              require: tuple[str, ...], revision: str | None, endpoint: str | None, cache_dir: str | None,
-             lock_file: str | None, convert_to: str | None, do_load: bool, force: bool, device: str, fmt: str,
-             **kwargs) -> None:
+             lock_file: str | None, convert_to: str | None, do_load: bool, force: bool, allow_random: bool,
+             device: str, fmt: str, **kwargs) -> None:
     """Validate a checkpoint: pin, inspect, diff (remotely first), download, convert, load: one verdict.
 
     SOURCE is a local file or folder, hf://ORG/NAME[@REVISION]/PATH, or ORG/NAME with --revision
@@ -273,7 +275,7 @@ def validate(source: str, model: str | None, model_config: str | None, expect_mi
     report = run_validate(source, model=model, model_config=model_config, remap=rules_from_options(kwargs),
                           expect_missing=expect_missing, require=require, load=do_load, force=force,
                           device=device, revision=revision, endpoint=endpoint, cache_dir=cache_dir,
-                          lock=lock_file, convert=convert_to)
+                          lock=lock_file, convert=convert_to, allow_random=allow_random)
     emit(report, fmt)
     sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
 

@@ -193,12 +193,14 @@ def validate(source: str | Path, *, model: str | None = None, model_config: str 
              load: bool = False, force: bool = False, device: str = "meta", load_device: str | None = None,
              revision: str | None = None, endpoint: str | None = None, token: str | None = None,
              cache_dir: str | Path | None = None, lock: str | Path | None = None,
-             convert: str | Path | None = None) -> ValidationReport:
+             convert: str | Path | None = None, allow_random: bool = False) -> ValidationReport:
     """Validate a checkpoint against the model it is meant for; see the module docstring.
 
     ``device``: where the target model is built (``meta``: a skeleton; tensors loaded into it are
     materialised on ``load_device``, default cpu). ``convert``: also write a verified
     ``.safetensors`` there (and load from it). ``force``: go on past a failing key check.
+    ``allow_random``: a model built for real may keep randomly initialised parameters after the
+    load (by default any such parameter fails the verdict).
     """
     build_target_check = model is None and model_config is None
     if build_target_check:
@@ -220,7 +222,7 @@ def validate(source: str | Path, *, model: str | None = None, model_config: str 
         local = download.files[0].local_path
     report = _validate_local(local, str(source), model, model_config, options, load=load, force=force,
                              device=device, load_device=load_device, convert=convert,
-                             origin=_origin(ref, remote, download, local))
+                             origin=_origin(ref, remote, download, local), allow_random=allow_random)
     report.remote, report.download = remote, download
     return report
 
@@ -267,7 +269,8 @@ def _origin(ref, remote: RemoteCheck | None, download, local) -> Any:
 
 
 def _validate_local(local, given: str, model, model_config, options: dict, *, load: bool, force: bool,
-                    device: str, load_device: str | None, convert, origin) -> ValidationReport:
+                    device: str, load_device: str | None, convert, origin,
+                    allow_random: bool = False) -> ValidationReport:
     from .load import load_checkpoint
     from .reader import open_checkpoint
 
@@ -278,11 +281,10 @@ def _validate_local(local, given: str, model, model_config, options: dict, *, lo
             return ValidationReport(given, target.label, listing, _diff(ckpt, target, options), built=target.built)
         keys = _diff(ckpt, target, options)
     report = ValidationReport(given, target.label, listing, keys, built=target.built)
-    if not keys.ok and not force:
-        report.stopped = "the key check failed (pass --force to convert or load anyway)"
-        return report
     load_from = local
-    if convert is not None:
+    if convert is not None and not keys.ok and not force:
+        report.stopped = "the key check failed: not converted (pass --force to convert anyway)"
+    elif convert is not None:
         from .convert import convert_to_safetensors
 
         report.conversion = convert_to_safetensors(local, convert, rules=options["remap"], force=True)
@@ -296,12 +298,12 @@ def _validate_local(local, given: str, model, model_config, options: dict, *, lo
             report.keys, report.refused = exc.report, exc.message
         report.keys.target = target.label
         if target.built is not None and device != "meta":
-            report.provenance = _provenance(target)
+            report.provenance = _provenance(target, expect_complete=not allow_random)
     return report
 
 
-def _provenance(target: Target):
+def _provenance(target: Target, *, expect_complete: bool):
     from .provenance import provenance_report
 
     split = tuple((target.preset.info or {}).get("provenance_split", ())) if target.preset else ()
-    return provenance_report(target.model, split=split)
+    return provenance_report(target.model, split=split, expect_complete=expect_complete)

@@ -98,7 +98,7 @@ def tiny(tmp_path_factory):
     config = folder / "assets" / "flamingo.json"
     config.write_text(json.dumps({
         "factory": "model.factory:create_model_and_transforms",
-        "clip_vision_encoder_path": "tiny-vit.json", "clip_vision_encoder_pretrained": None,
+        "clip_vision_encoder_path": "tiny-vit.json", "clip_vision_encoder_pretrained": assets["clip_pretrained"].name,
         "lang_encoder_path": assets["lm"].name, "tokenizer_path": assets["lm"].name,
         "cross_attn_every_n_layers": registry.TINY_EVERY_N}))
     paths["config"] = config
@@ -147,4 +147,28 @@ def test_validate_model_config_with_load(run_cli, tiny):
     result = run_cli("validate", tiny["trained"], "--model-config", tiny["config"], "--load", "--device", "cpu",
                      "--format", "json")
     assert result.exit_code == 0, result.stdout
-    assert json.loads(result.stdout)["load"]["still_on_meta"] == 0
+    data = json.loads(result.stdout)
+    assert data["load"]["still_on_meta"] == 0
+    assert data["provenance"]["random_params"] == 0
+    sources = {row["module"]: row["source"] for row in data["provenance"]["modules"]}
+    assert sources["vision_encoder"].endswith("tiny-vit.safetensors")
+    assert sources["perceiver"] == "checkpoint.pt"
+
+
+def test_validate_load_fails_when_a_part_stays_random(run_cli, tiny, tmp_path):
+    config = json.loads(tiny["config"].read_text())
+    config["clip_vision_encoder_pretrained"] = None
+    config["clip_vision_encoder_path"] = str(tiny["config"].parent / "tiny-vit.json")
+    config["lang_encoder_path"] = config["tokenizer_path"] = str(tiny["config"].parent / "tiny-lm")
+    random_vision = tmp_path / "random-vision.json"
+    random_vision.write_text(json.dumps(config))
+    args = ("validate", tiny["trained"], "--model-config", random_vision, "--load", "--device", "cpu", "--format", "json")
+    failed = run_cli(*args)
+    assert failed.exit_code == 1
+    data = json.loads(failed.stdout)
+    assert data["load"]["verified"] is True
+    assert data["provenance"]["random_params"] > 0
+    assert {"module": "vision_encoder", "source": "initialised randomly"}.items() <= next(
+        row for row in data["provenance"]["modules"] if row["module"] == "vision_encoder").items()
+    allowed = run_cli(*args, "--allow-random")
+    assert allowed.exit_code == 0, allowed.stdout[-1500:]
