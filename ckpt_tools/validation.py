@@ -202,8 +202,7 @@ def validate(source: str | Path, *, model: str | None = None, model_config: str 
     ``allow_random``: a model built for real may keep randomly initialised parameters after the
     load (by default any such parameter fails the verdict).
     """
-    build_target_check = model is None and model_config is None
-    if build_target_check:
+    if model is None and model_config is None:
         build_target(model, model_config)  # raises the usage error before anything is opened
     options = {"remap": remap, "expect_missing": expect_missing, "require": require}
     ref = hub_reference(str(source), revision=revision, preset_name=model)
