@@ -457,7 +457,7 @@ def result(bench: str, operation: str, ours: Stats, baseline: Stats | None = Non
 def record(args: argparse.Namespace, entry: dict) -> dict:
     """Append ``entry`` (plus machine and time) to ``<out>/results.json``; safe across processes."""
     entry = {**entry, "machine": machine(args.workdir),
-             "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+             "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     update_results(args.out, lambda entries: [*entries, entry])
     verdict = {True: "OK", False: "MISSED", None: "-"}[entry.get("ok")]
     print(f"[{verdict}] {entry['operation']}: ours {entry['ours_s']} s, baseline {entry.get('baseline_s')} s, "

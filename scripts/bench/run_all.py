@@ -124,7 +124,7 @@ def render(results: list[dict], runs: list[ScriptRun], command: str, docs: str =
     out = [
         "# Benchmarks",
         "",
-        f"Written by `{command}` on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC. "
+        f"Written by `{command}` on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC. "
         f"Scale {', '.join(f'{s:g}' for s in scales) or '-'} (1 = the sizes quoted in the issues). "
         f"Targets met: {met} of {targeted}.",
         "",
