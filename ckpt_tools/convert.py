@@ -435,7 +435,7 @@ class _ShardWriter:
                 handle = AtomicFile(out)
                 handle.open()
                 pending.append(handle)
-                entries = [(item.meta, self._loader(item.source_key)) for item in shard]
+                entries = [(item.meta, self._loader(item)) for item in shard]
                 total += write_safetensors(handle, entries, self._shard_metadata(metadata, shard, aliases))
                 if self.verify:
                     verified += verify_file(handle.path, shard, self.checkpoint, str(self._shown(out)))
@@ -451,7 +451,17 @@ class _ShardWriter:
         """The name a staged file will have, for messages."""
         return self.destination.path / out.name if self.destination.sharded else out
 
-    def _loader(self, key: str):
+    def _loader(self, item: Planned):
+        """The tensor, or where its unchanged bytes lie in the source file when the reader knows
+        (then no tensor is ever built)."""
+        from .safetensors_writer import FileRange
+
+        key = item.source_key
+        span = getattr(self.checkpoint, "byte_span", None)
+        if span is not None and item.meta.dtype == self.checkpoint.meta(key).dtype:
+            found = span(key)
+            if found is not None:
+                return lambda: FileRange(*found)
         return lambda: self.checkpoint.tensor(key)
 
     @staticmethod
@@ -586,7 +596,7 @@ def _remap_pickle(src, dst, rules, force, fmt) -> RemapCheckpointResult:
     with open_checkpoint(src) as checkpoint:
         remap = apply_remap(checkpoint.keys(), rules)
         want = {new: (checkpoint.meta(old).shape, checkpoint.meta(old).dtype) for old, new in remap.mapping.items()}
-        root = checkpoint._root  # the whole loaded object: wrapper and extras are written back as they were
+        root = checkpoint.pickled_root()  # wrapper and extras are written back as they were
         state = {new: checkpoint.tensor(old) for old, new in remap.mapping.items()}
         root = _replace_state(root, checkpoint.wrapper, state)
         need = sum(checkpoint.meta(old).nbytes for old in remap.mapping)

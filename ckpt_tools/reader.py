@@ -70,6 +70,13 @@ class Checkpoint:
         """{name in ``extras``: the value itself} where the format keeps it (torch pickles); else {}."""
         return {}
 
+    def pickled_root(self):
+        """The whole unpickled object, tensors included (torch pickles only)."""
+        from .errors import UnsupportedFormatError
+
+        raise UnsupportedFormatError(f"a {self.format} checkpoint is not a pickle", path=self.source,
+                                     fix="use ckpt convert for safetensors output")
+
     def alias_of(self) -> dict[str, str]:
         """{alias name: first name of its group} for every non-first member of an alias group."""
         return {name: group[0] for group in self.aliases for name in group[1:]}

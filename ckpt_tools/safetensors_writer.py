@@ -23,6 +23,7 @@ import stat
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CkptError, DiskFullError
@@ -461,7 +462,47 @@ def write_safetensors(out: AtomicFile, entries: Iterable[tuple[TensorMeta, Calla
     return total
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """A tensor's bytes as one range of a file, found by a reader without loading the tensor (so a
+    conversion that changes no byte needs no torch at all)."""
+
+    path: Path
+    offset: int
+    nbytes: int
+
+
+def _write_range(out: AtomicFile, meta: TensorMeta, source: FileRange) -> int:
+    fd = os.open(source.path, os.O_RDONLY)
+    try:
+        if hasattr(os, "copy_file_range"):
+            try:
+                return copy_span(out, fd, source.offset, source.nbytes)
+            except OSError as exc:
+                if exc.errno in DISK_FULL_ERRNOS:
+                    raise
+        written = 0
+        while written < source.nbytes:
+            chunk = os.pread(fd, min(CHUNK_BYTES, source.nbytes - written), source.offset + written)
+            if not chunk:
+                break
+            written += out.write(chunk)
+        return written
+    finally:
+        os.close(fd)
+
+
 def _write_tensor(out: AtomicFile, meta: TensorMeta, tensor, spans: FileSpans | None) -> int:
+    written = _write_range(out, meta, tensor) if isinstance(tensor, FileRange) else _write_torch(out, meta, tensor, spans)
+    if written != meta.nbytes:
+        from .errors import InvalidCheckpointError
+
+        raise InvalidCheckpointError(f"wrote {written} bytes but the header promises {meta.nbytes}",
+                                     key=meta.name, fix="the source file changed or shrank while reading")
+    return written
+
+
+def _write_torch(out: AtomicFile, meta: TensorMeta, tensor, spans: FileSpans | None) -> int:
     from .meta import dtype_name
 
     written = 0
@@ -476,9 +517,4 @@ def _write_tensor(out: AtomicFile, meta: TensorMeta, tensor, spans: FileSpans | 
     if span is None:
         for chunk in tensor_chunks(tensor, meta.dtype):
             written += out.write(chunk_bytes_view(chunk))
-    if written != meta.nbytes:
-        from .errors import InvalidCheckpointError
-
-        raise InvalidCheckpointError(f"wrote {written} bytes but the header promises {meta.nbytes}",
-                                     key=meta.name, fix="the source file changed or shrank while reading")
     return written

@@ -126,6 +126,13 @@ class SafetensorsCheckpoint(Checkpoint):
             fileobj.read(8), fileobj.read, file_size, source)
         self.header_bytes = self._data_start
 
+    def byte_span(self, key: str) -> tuple[Path, int, int] | None:
+        """(file, offset, nbytes) of a tensor's bytes in a local file."""
+        if self._path is None:
+            return None
+        begin, end = self._offsets[key]
+        return self._path, self._data_start + begin, end - begin
+
     def _load_tensor(self, key: str):
         if self._path is not None:
             if self._safe is None:

@@ -98,6 +98,9 @@ class TorchCheckpoint(Checkpoint):
                              key=key, fix="download the file first (ckpt download) and open the local copy")
         return tensor
 
+    def pickled_root(self):
+        return self._root
+
     def extra_values(self) -> dict[str, object]:
         values: dict[str, object] = {}
         obj, prefix = self._root, ""
@@ -125,18 +128,29 @@ def _alias_groups(state: Mapping) -> list[list[str]]:
     return [names for names in groups.values() if len(names) > 1]
 
 
-def open_zip_path(path: Path, source: str) -> TorchCheckpoint:
+def open_zip_path(path: Path, source: str) -> Checkpoint:
+    """A plain state dict is listed without torch (see torch_zip.py); anything else, or a file
+    that reader cannot vouch for, goes through torch.load(weights_only=True, mmap=True)."""
     from ..scan import check_zip_records
+    from .torch_zip import try_open
 
     check_zip_records(path, source)  # torch would inflate a compressed record fully in memory
+    with path.open("rb") as handle:
+        shallow = try_open(handle, source, path)
+    return shallow or load_zip_path(path, source)
+
+
+def load_zip_path(path: Path, source: str) -> TorchCheckpoint:
     return TorchCheckpoint(source, _torch_load(source, str(path), mmap=True, map_location="cpu"), "torch-zip")
 
 
-def open_zip_fileobj(fileobj: BinaryIO, source: str, size: int) -> TorchCheckpoint:
+def open_zip_fileobj(fileobj: BinaryIO, source: str, size: int) -> Checkpoint:
     from ..scan import check_zip_records
+    from .torch_zip import try_open
 
     check_zip_records(fileobj, source)
-    return TorchCheckpoint(source, _torch_load(source, fileobj, map_location="meta"), "torch-zip")
+    shallow = try_open(fileobj, source, None)
+    return shallow or TorchCheckpoint(source, _torch_load(source, fileobj, map_location="meta"), "torch-zip")
 
 
 def open_legacy_path(path: Path, source: str) -> TorchCheckpoint:

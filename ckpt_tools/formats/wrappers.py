@@ -8,6 +8,7 @@ or ``state_dict.module``) and every non-tensor entry met on the way is listed in
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 
 from ..errors import InvalidCheckpointError
@@ -27,9 +28,14 @@ MAX_DEPTH = 4
 
 
 def _is_tensor(value) -> bool:
-    import torch
+    """A torch tensor, or a tensor reference from the torch-free zip reader. Without torch
+    imported, nothing can be a torch tensor, so listing never imports it."""
+    from .torch_zip import TensorRef
 
-    return isinstance(value, torch.Tensor)
+    if isinstance(value, TensorRef):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 def unwrap(obj, source: str) -> tuple[dict, str | None, dict[str, str]]:
