@@ -32,3 +32,14 @@ def run_cli():
         return runner.invoke(cli, [str(a) for a in args], input=input, catch_exceptions=False)
 
     return invoke
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: handing matmuls between threads costs more than it saves on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,6 +23,7 @@ from model import create_model_and_transforms, registry
 from model.flamingo import Flamingo
 from model.flamingo_lm import resolve_decoder_layers_attr_name
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB, EOC, MEDIA = 40, 38, 39
 FAMILIES = {
     "mpt": (lambda: MptConfig(d_model=32, n_heads=4, n_layers=4, expansion_ratio=4, max_seq_len=64,
@@ -43,12 +44,6 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_flamingo(family: str, every_n: int = 2, **kwargs) -> Flamingo:

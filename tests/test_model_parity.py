@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, GPTJConfig, GPTNeoXConfig, LlamaC
 from model.flamingo import Flamingo
 from model.registry import TINY_CLIP_CONFIG
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB, EOC, MEDIA = 40, 38, 39
 TOLERANCE = 1e-4
 
@@ -50,13 +51,6 @@ LMS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: thread hand-off costs more than it saves on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def our_name(ref_name: str, path: str) -> str:

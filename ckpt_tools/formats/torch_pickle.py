@@ -17,7 +17,7 @@ from typing import BinaryIO
 from ..errors import InvalidCheckpointError, UnsafePickleError
 from ..meta import TensorMeta
 from ..reader import Checkpoint
-from .wrappers import unwrap
+from .wrappers import extra_values, unwrap
 
 ZIP_MAGIC = b"PK\x03\x04"
 # torch's legacy format begins with the pickled magic number 0x1950a86a20f9469cfc6c
@@ -102,13 +102,7 @@ class TorchCheckpoint(Checkpoint):
         return self._root
 
     def extra_values(self) -> dict[str, object]:
-        values: dict[str, object] = {}
-        obj, prefix = self._root, ""
-        for part in self.wrapper.split(".") if self.wrapper else []:
-            values.update({prefix + str(k): v for k, v in obj.items() if k != part})
-            prefix, obj = prefix + part + ".", obj[part]
-        values.update({prefix + str(k): v for k, v in obj.items() if prefix + str(k) in self.extras})
-        return values
+        return extra_values(self._root, self.wrapper, self.extras)
 
     def close(self) -> None:
         self._state = {}

@@ -27,6 +27,7 @@ from typing import BinaryIO
 
 from ..meta import DTYPES, TensorMeta
 from ..reader import Checkpoint
+from .wrappers import extra_values
 
 # torch's typed storage classes, as pickled by torch.save -> safetensors dtype names
 STORAGE_DTYPES: dict[str, str] = {
@@ -226,13 +227,7 @@ class TorchZipCheckpoint(Checkpoint):
         return self._torch
 
     def extra_values(self) -> dict[str, object]:
-        values: dict[str, object] = {}
-        obj, prefix = self._root, ""
-        for part in self.wrapper.split(".") if self.wrapper else []:
-            values.update({prefix + str(k): v for k, v in obj.items() if k != part})
-            prefix, obj = prefix + part + ".", obj[part]
-        values.update({prefix + str(k): v for k, v in obj.items() if prefix + str(k) in self.extras})
-        return values
+        return extra_values(self._root, self.wrapper, self.extras)
 
     def close(self) -> None:
         if self._torch is not None:

@@ -74,3 +74,14 @@ def _state_dict(obj: Mapping, path: list[str], extras: dict[str, str], source: s
         else:
             extras[prefix + key] = type(value).__name__
     return state
+
+
+def extra_values(root, wrapper: str | None, extras: dict[str, str]) -> dict[str, object]:
+    """The values behind ``extras`` (named as ``unwrap`` names them), taken from the loaded object."""
+    values: dict[str, object] = {}
+    obj, prefix = root, ""
+    for part in wrapper.split(".") if wrapper else []:
+        values.update({prefix + str(k): v for k, v in obj.items() if k != part})
+        prefix, obj = prefix + part + ".", obj[part]
+    values.update({prefix + str(k): v for k, v in obj.items() if prefix + str(k) in extras})
+    return values
