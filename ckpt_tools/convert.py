@@ -605,16 +605,39 @@ def _remap_pickle(src, dst, rules, force, fmt) -> RemapCheckpointResult:
             stream.flush()
             handle.commit()
         del root, state
-    with open_checkpoint(dst) as written:
-        got = {n: (m.shape, m.dtype) for n, m in written.metas().items()}
-    if got != want:
-        dst.unlink(missing_ok=True)
-        raise IntegrityError("the written file does not list the remapped tensors", path=str(dst),
-                             fix="report this as a bug; the output was removed")
+    _verify_remapped(src, dst, remap.mapping, want)
     return RemapCheckpointResult(
         source=str(src), destination=str(dst), format=fmt, files=[str(dst)], tensors=len(remap.mapping),
         renamed=remap.renamed, dropped=remap.dropped, unmatched_rules=[r.to_dict() for r in remap.unmatched_rules],
         rules=[r.to_dict() for r in rules or []], bytes_written=dst.stat().st_size, verified=True)
+
+
+def _verify_remapped(src, dst: Path, mapping: dict[str, str], want: dict) -> None:
+    """Reopen the written pickle: the planned names, shapes and dtypes, and every tensor equal, bit
+    for bit, to its source (one pair in memory at a time). A mismatch removes the output."""
+    import torch
+
+    from .reader import open_checkpoint
+
+    with open_checkpoint(src) as source, open_checkpoint(dst) as written:
+        problem = None
+        if {n: (m.shape, m.dtype) for n, m in written.metas().items()} != want:
+            problem = ("the written file does not list the remapped tensors", None)
+        else:
+            for old, new in mapping.items():
+                a, b = source.tensor(old), written.tensor(new)
+                if not torch.equal(_raw_bytes(a), _raw_bytes(b)):
+                    problem = ("written bytes differ from the source", new)
+                    break
+    if problem is not None:
+        dst.unlink(missing_ok=True)
+        raise IntegrityError(problem[0], path=str(dst), key=problem[1], fix="check the disk; the output was removed")
+
+
+def _raw_bytes(tensor):
+    import torch
+
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _replace_state(root, wrapper: str | None, state: dict):

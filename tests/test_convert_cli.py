@@ -103,3 +103,14 @@ def test_help_has_examples(run_cli):
     for command in ("convert", "remap"):
         result = run_cli(command, "--help")
         assert result.exit_code == 0 and "Example:" in result.stdout
+
+
+def test_remap_of_a_pickle_is_verified_bit_for_bit_with_slices(tmp_path, run_cli):
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    src = tmp_path / "slices.pt"
+    torch.save({"module.cols": base[:, 2:4], "module.t": base.t(), "module.flag": torch.tensor([True, False])}, src)
+    result = run_cli("remap", src, tmp_path / "out.pt", "--preset", "ddp", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["verified"] is True
+    written = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert torch.equal(written["cols"], base[:, 2:4]) and torch.equal(written["t"], base.t())
