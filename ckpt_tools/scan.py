@@ -561,6 +561,8 @@ def scan_pickle(source: str | os.PathLike | BinaryIO) -> ScanReport:
         size = source.tell()
         return _scan_fileobj(ScanReport(name, "unknown"), source, size)
     text = str(source)
+    if text.startswith("hf://") and text.endswith(".index.json"):
+        return _scan_remote_index(text)
     if text.startswith("hf://"):
         fileobj = _open_remote(text)
         try:
@@ -599,19 +601,42 @@ def _shard_files(path: Path, source: str) -> list[Path]:
 def _scan_several(source: str, path: Path) -> ScanReport:
     """A folder or sharded index: every file it stands for, merged into one report."""
     files = _shard_files(path, source)
-    parts = [scan_pickle(file) for file in files]
+    return _merged(source, [(file.name, scan_pickle(file)) for file in files])
+
+
+def _scan_remote_index(source: str) -> ScanReport:
+    """An ``hf://`` sharded index: every shard it names, at the index's commit."""
+    import posixpath
+
+    from .formats.remote import HfReference, open_range_file, parse_hf_reference
+    from .formats.sharded import check_shard_name, parse_index, shard_names
+
+    ref = parse_hf_reference(source)
+    raw, commit = open_range_file(ref)
+    with raw:
+        index = parse_index(raw.readall(), source)
+    folder = posixpath.dirname(ref.path)
+    parts = []
+    for shard in shard_names(index):
+        check_shard_name(shard, source)
+        shard_ref = HfReference(ref.repo_id, commit, posixpath.join(folder, shard) if folder else shard)
+        parts.append((shard, scan_pickle(str(shard_ref))))
+    return _merged(source, parts)
+
+
+def _merged(source: str, parts: list[tuple[str, ScanReport]]) -> ScanReport:
     if len(parts) == 1:
-        parts[0].source = source
-        return parts[0]
-    merged = ScanReport(source, "sharded-" + parts[0].format)
-    for file, part in zip(files, parts, strict=True):
-        merged.pickles += [f"{file.name}:{record}" for record in part.pickles]
+        parts[0][1].source = source
+        return parts[0][1]
+    merged = ScanReport(source, "sharded-" + parts[0][1].format)
+    for name, part in parts:
+        merged.pickles += [f"{name}:{record}" for record in part.pickles]
         for entry in part.globals:
             if (entry["module"], entry["name"]) not in merged._seen:
                 merged._seen.add((entry["module"], entry["name"]))
-                merged.globals.append({**entry, "pickle": f"{file.name}:{entry['pickle']}"})
-        merged.calls += [{**call, "pickle": f"{file.name}:{call['pickle']}"} for call in part.calls]
-        merged.notes += [f"{file.name}: {note}" for note in part.notes]
+                merged.globals.append({**entry, "pickle": f"{name}:{entry['pickle']}"})
+        merged.calls += [{**call, "pickle": f"{name}:{call['pickle']}"} for call in part.calls]
+        merged.notes += [f"{name}: {note}" for note in part.notes]
     return merged
 
 

@@ -339,6 +339,23 @@ def test_hf_sources_are_scanned_by_range_reads(tmp_path, run_cli, monkeypatch):
     assert not target.exists()
 
 
+def test_hf_sharded_index_scans_every_shard_at_one_commit(tmp_path, monkeypatch):
+    from ckpt_tools.server import HubServer, publish
+
+    target = tmp_path / "pwned"
+    index = {"weight_map": {"a": "part-1.bin", "b": "part-2.bin"}}
+    files = {"sub/pytorch_model.bin.index.json": json.dumps(index).encode(),
+             "sub/part-1.bin": save_zip(tmp_path / "p1.bin", state()),
+             "sub/part-2.bin": save_zip(tmp_path / "p2.bin", state(touch(target)))}
+    publish(tmp_path / "served", "org/sharded", files)
+    with HubServer(tmp_path / "served") as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        report = scan_pickle("hf://org/sharded/sub/pytorch_model.bin.index.json")
+    assert report.verdict == "unsafe" and report.offenders == [SYSTEM]
+    assert {p.split(":")[0] for p in report.pickles} == {"part-1.bin", "part-2.bin"}
+    assert not target.exists()
+
+
 def test_refusal_error_names_every_global_and_the_scan_command(tmp_path):
     path = save_zip(tmp_path / "e.pt", {"a": touch(tmp_path / "p"), "b": Reduce(builtins.eval, "1")})
     error = unsafe_pickle_error(path, str(path))
