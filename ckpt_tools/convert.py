@@ -18,6 +18,7 @@ metadata entry (JSON ``{removed: kept}``) so a loader can restore it (``restore_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -518,7 +519,8 @@ def verify_file(path: str, shard: Sequence[Planned], checkpoint, shown: str) -> 
                                  fix="report this as a bug; nothing was written")
         if size == start:
             return len(shard)
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
             data = np.frombuffer(mapped, dtype=np.uint8)
             try:
                 for item in shard:
@@ -533,6 +535,11 @@ def verify_file(path: str, shard: Sequence[Planned], checkpoint, shown: str) -> 
                     del tensor
             finally:
                 del data
+        finally:
+            # an interrupt can leave views of the map alive in its traceback: the map then closes
+            # when they go, and the interrupt (not a BufferError) is what propagates
+            with contextlib.suppress(BufferError):
+                mapped.close()
     return len(shard)
 
 

@@ -104,12 +104,16 @@ class AtomicFile:
 
     def open(self) -> None:
         folder = self.final.parent
+        _remove_stale_temporaries(self.final)
         try:
             self.fd = os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o644)
         except (AttributeError, OSError):  # no O_TMPFILE here (macOS, some filesystems)
             fd, name = tempfile.mkstemp(dir=folder, prefix=f".{self.final.name}.", suffix=".tmp")
             self.fd, self._named = fd, Path(name)
             os.chmod(name, 0o644)
+        # held until the file is closed: a hidden temporary name whose lock is free was left by a
+        # killed writer, and the next writer of the same destination removes it
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
 
     @property
     def path(self) -> str:
@@ -163,6 +167,25 @@ class AtomicFile:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _remove_stale_temporaries(final: Path) -> None:
+    """Remove ``.{name}.*.tmp`` siblings of ``final`` that no live writer holds locked."""
+    import glob
+
+    for candidate in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        try:
+            fd = os.open(candidate, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # being written right now
+        else:
+            candidate.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
 
 @functools.cache

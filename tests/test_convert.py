@@ -531,3 +531,24 @@ def test_remap_refuses_existing_output(tmp_path):
         remap_checkpoint(tmp_path / "w.pt", tmp_path / "o.pt", rules=None)
     with pytest.raises(OutputExistsError, match="own source"):
         remap_checkpoint(tmp_path / "w.pt", tmp_path / "w.pt", rules=None, force=True)
+
+
+def test_a_temporary_left_by_a_killed_writer_is_removed_by_the_next_run(tmp_path):
+    import fcntl
+
+    from ckpt_tools.convert import convert_to_safetensors
+
+    src = tmp_path / "src.safetensors"
+    save_file({"w": torch.arange(4.0)}, str(src))
+    stale = tmp_path / ".out.safetensors.dead0000.tmp"
+    stale.write_bytes(b"complete but never renamed")
+    live = tmp_path / ".out.safetensors.live0000.tmp"
+    live.write_bytes(b"being written")
+    holder = os.open(live, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        convert_to_safetensors(src, tmp_path / "out.safetensors")
+        assert not stale.exists()
+        assert live.exists()
+    finally:
+        os.close(holder)

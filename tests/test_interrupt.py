@@ -50,11 +50,17 @@ def _drive(tmp_path: Path, runs: list[dict]) -> list[dict]:
     return json.loads(done.stdout.strip().splitlines()[-1])["results"]
 
 
+def _hidden_temporary(name: str) -> bool:
+    return name.startswith(".model.safetensors.") and name.endswith(".tmp")
+
+
 def _state_of(out: Path, sharded: bool, expected: dict) -> str:
     """'absent', 'complete' (bit-identical to the source) or a description of what is wrong."""
     from safetensors import safe_open
 
-    names = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    # a writer killed between naming its finished temporary and renaming it leaves a hidden
+    # ".NAME.*.tmp", never the destination's own name; the next run removes it (checked after reruns)
+    names = sorted(p.name for p in out.iterdir() if not _hidden_temporary(p.name)) if out.exists() else []
     if not names:
         return "absent"
     if sharded:
