@@ -104,3 +104,17 @@ def test_demo_runs_end_to_end_offline_and_cleans_up(tmp_path):
     assert data["generation"].startswith("<image> a photo of")
     assert "[validate] ok" in out.stderr
     assert not list(Path(tmp_path).glob("ckpt-demo-*")), "the demo must clean up after itself"
+
+
+def test_repo_id_with_revision_uses_the_presets_file_and_stops_before_download(published, tmp_path):
+    # the tiny checkpoint published as a 3B checkpoint.pt: the preset's skeleton shows the misfit remotely
+    with HubServer(published["hub"]) as server:
+        report = validate("org/tiny", model="openflamingo-3b-vitl-mpt1b", revision="main", endpoint=server.endpoint,
+                          cache_dir=tmp_path / "cache")
+    assert report.remote.pinned == f"hf://org/tiny@{published['commit']}/checkpoint.pt"
+    assert report.verdict == "fail" and report.download is None
+    assert report.keys.counts["shape_mismatch"] > 0
+    hints = {h["kind"]: h for h in report.keys.to_dict()["hints"]}
+    assert hints["cross_attn_every_n_layers"]["fix"] == "build the model with cross_attn_every_n_layers=2"
+    assert hints["language_model"]["detail"] == ("lang_encoder.transformer.wte.weight is 32 wide in the "
+                                                 "checkpoint and 2048 in the model")
