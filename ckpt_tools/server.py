@@ -36,6 +36,8 @@ from .errors import UsageError
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# The text of a git-lfs pointer file: the tree API's "oid" of an LFS file is the git sha1 of this
+# text. Its first line is the pointer format's fixed version identifier, not an address to contact.
 LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n"
 # Files the hub would store in LFS: large ones, and weights whatever their size (as .gitattributes does).
 LFS_MIN_SIZE = 10 * 1024 * 1024
