@@ -43,3 +43,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def root(tmp_path):
+    """An empty folder for a hub mirror in the cache layout (see ckpt_tools.server.publish)."""
+    root = tmp_path / "served"
+    root.mkdir()
+    return root

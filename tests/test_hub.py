@@ -25,13 +25,6 @@ REPO = "org/model"
 
 
 @pytest.fixture
-def root(tmp_path):
-    root = tmp_path / "served"
-    root.mkdir()
-    return root
-
-
-@pytest.fixture
 def commit(root):
     return publish(root, REPO, {"config.json": CONFIG, "weights/model.bin": BIG})
 

@@ -21,13 +21,6 @@ WEIGHTS = bytes(range(256)) * 40  # 10240 bytes, a ".bin" so served as an LFS fi
 
 
 @pytest.fixture
-def root(tmp_path):
-    root = tmp_path / "served"
-    root.mkdir()
-    return root
-
-
-@pytest.fixture
 def repo(root):
     commit = publish(root, "org/tiny", {"config.json": CONFIG, "sub/weights.bin": WEIGHTS}, tag="v1.0")
     return commit
