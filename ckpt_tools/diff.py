@@ -30,7 +30,6 @@ from .meta import TensorMeta
 from .naming import collapse, format_numbers, module_prefix
 from .render import human_count, markdown_table, rich_table
 
-STATUSES = ("matched", "dtype_mismatch", "shape_mismatch", "missing_expected", "missing_unexpected")
 COUNT_NAMES = ("matched", "dtype_mismatch", "shape_mismatch", "unexpected", "missing_expected",
                "missing_unexpected")
 FAILING_KINDS = frozenset({"shape_mismatch", "missing_unexpected", "unexpected", "load"})

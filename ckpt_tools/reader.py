@@ -77,10 +77,6 @@ class Checkpoint:
         raise UnsupportedFormatError(f"a {self.format} checkpoint is not a pickle", path=self.source,
                                      fix="use ckpt convert for safetensors output")
 
-    def alias_of(self) -> dict[str, str]:
-        """{alias name: first name of its group} for every non-first member of an alias group."""
-        return {name: group[0] for group in self.aliases for name in group[1:]}
-
     # -- bytes --
     def tensor(self, key: str):
         """The tensor stored under ``key`` (a CPU torch tensor), read on demand."""

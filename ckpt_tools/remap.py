@@ -157,10 +157,6 @@ class RemapResult:
     renamed_by_rule: set[str] = field(default_factory=set)
     dropped_as: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def inverse(self) -> dict[str, str]:
-        return {new: old for old, new in self.mapping.items()}
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "rules": [r.to_dict() for r in self.rules],

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import InvalidCheckpointError, UnsafePickleError
+from ..errors import InvalidCheckpointError
 from ..meta import TensorMeta
 from ..reader import Checkpoint
 from .wrappers import extra_values, unwrap
@@ -32,32 +32,14 @@ def sniff_legacy(head: bytes) -> bool:
     return head.startswith(LEGACY_MAGIC)
 
 
-def _unsafe(source: str, exc: Exception, fileobj_or_path) -> Exception:
-    names = _offending_globals(fileobj_or_path)
-    if not names:
-        # torch also refuses garbage and unknown opcodes with this message; only a scan that
-        # found a forbidden import makes the file "unsafe" rather than damaged
-        from ..scan import unsafe_pickle_error
+def _refused(source: str, exc: Exception, fileobj_or_path) -> Exception:
+    """torch refuses hostile and merely damaged pickles alike; the scan tells which (and names
+    every offending global, where torch names only the first)."""
+    from ..scan import unsafe_pickle_error
 
-        return unsafe_pickle_error(fileobj_or_path, source, exc)
-    listed = ", ".join(names) if names else str(exc).splitlines()[0][:200]
-    return UnsafePickleError(
-        f"the pickle needs globals that safe (weights_only) loading refuses: {listed}; it was not executed",
-        globals_=names, path=source,
-        fix=f"run `ckpt scan {source}` to see what they would do; only load files you trust")
-
-
-def _offending_globals(fileobj_or_path) -> list[str]:
-    try:
-        from ..scan import unsafe_globals
-    except ImportError:
-        return []
-    try:
-        if hasattr(fileobj_or_path, "seek"):
-            fileobj_or_path.seek(0)
-        return list(unsafe_globals(fileobj_or_path))
-    except Exception:  # noqa: BLE001 - naming the globals is best effort; the refusal stands
-        return []
+    if hasattr(fileobj_or_path, "seek"):
+        fileobj_or_path.seek(0)
+    return unsafe_pickle_error(fileobj_or_path, source, exc)
 
 
 def _torch_load(source: str, target, **kwargs):
@@ -67,7 +49,7 @@ def _torch_load(source: str, target, **kwargs):
         return torch.load(target, weights_only=True, **kwargs)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
-            raise _unsafe(source, exc, target) from None
+            raise _refused(source, exc, target) from None
         raise InvalidCheckpointError(f"corrupt pickle ({str(exc).splitlines()[0][:160]})", path=source,
                                      fix="the file is damaged: download or save it again") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError, IndexError,
