@@ -11,7 +11,7 @@ provenance summary when the model is built for real. A local source skips the hu
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,10 +206,11 @@ def validate(source: str | Path, *, model: str | None = None, model_config: str 
         build_target(model, model_config)  # raises the usage error before anything is opened
     options = {"remap": remap, "expect_missing": expect_missing, "require": require}
     ref = hub_reference(str(source), revision=revision, preset_name=model)
-    remote = download = None
+    remote = download = skeleton = None
     local = source
     if ref is not None:
-        remote = _remote_check(ref, str(source), model, model_config, endpoint, token, options)
+        skeleton = build_target(model, model_config, device="meta")
+        remote = _remote_check(ref, str(source), skeleton, endpoint, token, options)
         if not remote.keys.ok and not force:
             return ValidationReport(str(source), remote.keys.target, _listing(remote.pinned, None, remote),
                                     remote.keys, remote=remote,
@@ -219,7 +220,14 @@ def validate(source: str | Path, *, model: str | None = None, model_config: str 
         download = fetch(ref.repo_id, [ref.path], revision=remote.commit, cache_dir=cache_dir,
                          endpoint=endpoint, token=token, lock=lock)
         local = download.files[0].local_path
-    report = _validate_local(local, str(source), model, model_config, options, load=load, force=force,
+    # a meta skeleton is only read by a diff and only materialised tensor by tensor by a load, so the
+    # one built for the remote check serves the local steps too
+    def target() -> Target:
+        if skeleton is not None and device == "meta":
+            return skeleton
+        return build_target(model, model_config, device=device)
+
+    report = _validate_local(local, str(source), target, options, load=load, force=force,
                              device=device, load_device=load_device, convert=convert,
                              origin=_origin(ref, remote, download, local), allow_random=allow_random)
     report.remote, report.download = remote, download
@@ -238,14 +246,13 @@ def _listing(source: str, ckpt, remote: RemoteCheck | None = None):
                          bytes_read=getattr(ckpt, "bytes_read", None))
 
 
-def _remote_check(ref, given: str, model, model_config, endpoint, token, options) -> RemoteCheck:
+def _remote_check(ref, given: str, skeleton: Target, endpoint, token, options) -> RemoteCheck:
     """Pin the revision and diff the remote listing against the skeleton (meta device)."""
     from .formats.remote import HfReference, open_remote
 
     with open_remote(ref, endpoint=endpoint, token=token) as ckpt:
         commit = ckpt.commit
-        target = build_target(model, model_config, device="meta")
-        keys = _diff(ckpt, target, options)
+        keys = _diff(ckpt, skeleton, options)
         fetched = ckpt.bytes_read
     pinned = str(HfReference(ref.repo_id, commit, ref.path))
     return RemoteCheck(given, pinned, commit, fetched, keys)
@@ -267,14 +274,14 @@ def _origin(ref, remote: RemoteCheck | None, download, local) -> Any:
                         sha256=download.files[0].sha256)
 
 
-def _validate_local(local, given: str, model, model_config, options: dict, *, load: bool, force: bool,
+def _validate_local(local, given: str, make_target: Callable[[], Target], options: dict, *, load: bool, force: bool,
                     device: str, load_device: str | None, convert, origin,
                     allow_random: bool = False) -> ValidationReport:
     from .load import load_checkpoint
     from .reader import open_checkpoint
 
-    with open_checkpoint(local) as ckpt:
-        target = build_target(model, model_config, device=device)
+    with open_checkpoint(local) as ckpt:  # a bad file is reported before the model is built
+        target = make_target()
         listing = _listing(given, ckpt)
         if not load and convert is None:
             return ValidationReport(given, target.label, listing, _diff(ckpt, target, options), built=target.built)
