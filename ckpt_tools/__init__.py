@@ -1,76 +1,49 @@
 """ckpt_tools: checkpoints as first-class objects.
 
-The public API is imported lazily (PEP 562) so ``import ckpt_tools`` and ``ckpt --help`` stay
-instant; torch is imported only by the functions that move tensor bytes.
+The public API is the command-level calls (one per ``ckpt`` command), the reports they return and
+the errors they raise. No module imports torch, transformers or huggingface_hub at load time, so
+``import ckpt_tools`` stays fast; the functions that move tensor bytes import torch themselves.
 """
 
 from __future__ import annotations
 
-import importlib
+from .checkpoint import Checkpoint
+from .convert import ConversionResult, convert_to_safetensors, restore_aliases
+from .diff import KeyReport, diff_keys
+from .errors import (
+    CheckpointNotFoundError,
+    CkptError,
+    DiskFullError,
+    HubError,
+    IntegrityError,
+    InvalidCheckpointError,
+    LoadRefusedError,
+    OutputExistsError,
+    RemapError,
+    UnsafePickleError,
+    UnsupportedFormatError,
+    UsageError,
+)
+from .formats import open_checkpoint
+from .http import RetryPolicy
+from .hub import DownloadPlan, DownloadResult, download, plan_download
+from .inspect import InspectReport, inspect_checkpoint
+from .load import load_checkpoint
+from .meta import TensorMeta
+from .presets import ModelPreset
+from .remap import Rule
+from .remap_file import RemapCheckpointResult, remap_checkpoint
+from .scan import ScanReport, scan_pickle
+from .server import HubServer
+from .validation import ValidationReport, validate
+from .version import VERSION as __version__
 
-__version__ = "0.1.0"
-
-# public name -> module that defines it
-_API = {
-    "CkptError": "errors",
-    "CheckpointNotFoundError": "errors",
-    "InvalidCheckpointError": "errors",
-    "UnsupportedFormatError": "errors",
-    "UnsafePickleError": "errors",
-    "RemapError": "errors",
-    "OutputExistsError": "errors",
-    "UsageError": "errors",
-    "HubError": "errors",
-    "DiskFullError": "errors",
-    "IntegrityError": "errors",
-    "LoadRefusedError": "errors",
-    "TensorMeta": "meta",
-    "Rule": "remap",
-    "RemapResult": "remap",
-    "apply_remap": "remap",
-    "rules_from_cli": "remap",
-    "rules_from_dicts": "remap",
-    "available_remaps": "remap",
-    "convert_to_safetensors": "convert",
-    "ConversionResult": "convert",
-    "remap_checkpoint": "convert",
-    "RemapCheckpointResult": "convert",
-    "restore_aliases": "convert",
-    "Checkpoint": "reader",
-    "open_checkpoint": "reader",
-    "inspect_checkpoint": "inspect",
-    "InspectReport": "inspect",
-    "ModelPreset": "presets",
-    "available_presets": "presets",
-    "get_preset": "presets",
-    "download": "hub",
-    "DownloadResult": "hub",
-    "RetryPolicy": "hub",
-    "HubServer": "server",
-    "publish": "server",
-    "parse_hf_reference": "formats.remote",
-    "open_remote": "formats.remote",
-    "diff_keys": "diff",
-    "KeyReport": "diff",
-    "load_checkpoint": "load",
-    "validate": "validation",
-    "ValidationReport": "validation",
-    "scan_pickle": "scan",
-    "ScanReport": "scan",
-    "unsafe_globals": "scan",
-}
-
-__all__ = sorted(_API) + ["__version__"]
-
-
-def __getattr__(name: str):
-    module = _API.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ckpt_tools' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__ = [
+    "CheckpointNotFoundError", "Checkpoint", "CkptError", "ConversionResult", "DiskFullError", "DownloadPlan",
+    "DownloadResult", "HubError", "HubServer", "InspectReport", "IntegrityError", "InvalidCheckpointError",
+    "KeyReport", "LoadRefusedError", "ModelPreset", "OutputExistsError", "RemapCheckpointResult", "RemapError",
+    "RetryPolicy", "Rule", "ScanReport", "TensorMeta", "UnsafePickleError", "UnsupportedFormatError",
+    "UsageError", "ValidationReport", "__version__", "convert_to_safetensors", "diff_keys", "download",
+    "inspect_checkpoint", "load_checkpoint", "open_checkpoint", "plan_download", "remap_checkpoint",
+    "restore_aliases", "scan_pickle", "validate",
+]

@@ -1,20 +1,34 @@
 """The ``ckpt`` command line: each command parses arguments, makes one library call, renders.
 
-Heavy imports (torch, huggingface_hub, the library modules) happen inside the commands, so
-``ckpt --help`` stays instant. Errors from the library become one line on stderr and exit code 2
-(or the error's own ``exit_code``); ``CKPT_DEBUG=1`` shows the traceback instead.
+The library modules import no heavy package at load time (torch, transformers, huggingface_hub and
+rich are imported by the functions that need them), so ``ckpt --help`` stays instant. Errors from
+the library become one line on stderr and exit code 2 (or the error's own ``exit_code``);
+``CKPT_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
 import click
 
-from .render import FORMATS
+from . import demo as demo_module
+from . import hub, server
+from .convert import convert_to_safetensors
+from .diff import diff_keys
+from .errors import CkptError
+from .inspect import inspect_checkpoint
+from .remap import rules_from_cli
+from .remap_file import remap_checkpoint
+from .render import FORMATS, render
+from .scan import scan_pickle
+from .targets import target_from_options
+from .validation import validate as run_validate
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+STDOUT_KEY = "ckpt_tools.stdout"
 
 
 def format_option(func):
@@ -37,8 +51,10 @@ def remap_options(func):
                      help="Regex rename, applied in order; each rule sees the previous rule's output."),
         click.option("--drop", multiple=True, metavar="GLOB", help="Drop keys matching a glob."),
         click.option("--keep", multiple=True, metavar="GLOB", help="Keep only keys matching a glob."),
-        click.option("--preset", "remap_presets", multiple=True, metavar="NAME",
+        click.option("--remap-preset", "remap_presets", multiple=True, metavar="NAME",
                      help="A named remap preset (ddp, compile, fsdp, ...); presets run before the other rules."),
+        # the flag's first name, kept so existing scripts work; hidden beside --model PRESET
+        click.option("--preset", "legacy_presets", multiple=True, metavar="NAME", hidden=True),
         click.option("--rules", "rules_file", type=click.Path(dir_okay=False), metavar="FILE",
                      help="A TOML rules file, applied after the flags."),
     ]
@@ -49,23 +65,38 @@ def remap_options(func):
 
 def rules_from_options(kwargs: dict):
     """Pop the remap flags from a command's kwargs and build the rule list (None when empty)."""
-    from .remap import rules_from_cli
-
     return rules_from_cli(
         strip_prefix=kwargs.pop("strip_prefix", ()), add_prefix=kwargs.pop("add_prefix", ()),
         rename=kwargs.pop("rename", ()), drop=kwargs.pop("drop", ()), keep=kwargs.pop("keep", ()),
-        presets=kwargs.pop("remap_presets", ()), rules_file=kwargs.pop("rules_file", None),
+        presets=kwargs.pop("remap_presets", ()) + kwargs.pop("legacy_presets", ()), rules_file=kwargs.pop("rules_file", None),
     )
 
 
-def emit(report, fmt: str) -> None:
-    from .render import render
+def command_stdout():
+    """The stdout a command's data goes to (see ``CkptGroup.invoke``)."""
+    context = click.get_current_context(silent=True)
+    return (context.meta.get(STDOUT_KEY) if context else None) or sys.stdout
 
-    render(report, fmt)
+
+def emit(report, fmt: str) -> None:
+    render(report, fmt, stream=command_stdout())
+
+
+class CkptCommand(click.Command):
+    """A command whose stdout carries its report only: whatever a library prints while the command
+    runs (some print warnings to stdout when imported) goes to stderr; ``emit`` writes to the real
+    stdout. Help and usage, printed while arguments are parsed, are not affected."""
+
+    def invoke(self, ctx):
+        ctx.meta[STDOUT_KEY] = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().invoke(ctx)
 
 
 class CkptGroup(click.Group):
     """Maps library errors to one line and an exit code."""
+
+    command_class = CkptCommand
 
     def make_context(self, *args, **kwargs):
         try:
@@ -81,8 +112,6 @@ class CkptGroup(click.Group):
             click.echo("interrupted", err=True)
             sys.exit(130)
         except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
-            from .errors import CkptError
-
             if os.environ.get("CKPT_DEBUG") == "1" or isinstance(exc, click.exceptions.ClickException | click.exceptions.Exit | click.exceptions.Abort):
                 raise
             if isinstance(exc, CkptError):
@@ -98,7 +127,8 @@ class CkptGroup(click.Group):
 @click.group(cls=CkptGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ckpt-tools")
 def cli() -> None:
-    """Checkpoints as first-class objects: inspect, remap, convert, diff, validate, download.
+    """Checkpoints as first-class objects: inspect, scan, remap, convert, diff, validate,
+    download, serve, and an end-to-end demo.
 
     SOURCE is a local file or folder, or hf://ORG/NAME[@REVISION]/PATH.
 
@@ -123,8 +153,6 @@ def inspect(source: str, pattern: str | None, depth: int, fmt: str) -> None:
       ckpt inspect checkpoint.pt --depth 2
       ckpt inspect hf://openflamingo/OpenFlamingo-3B-vitl-mpt1b/checkpoint.pt --format json
     """
-    from .inspect import inspect_checkpoint
-
     emit(inspect_checkpoint(source, filter=pattern, depth=depth), fmt)
 
 
@@ -147,8 +175,6 @@ def remap(src: str, dst: str, force: bool, fmt: str, **kwargs) -> None:
       ckpt remap train.pt clean.pt --preset ddp --drop '*.num_batches_tracked'
       ckpt remap model.safetensors out.safetensors --rename '^transformer\\.=model.'
     """
-    from .convert import remap_checkpoint
-
     emit(remap_checkpoint(src, dst, rules=rules_from_options(kwargs), force=force), fmt)
 
 
@@ -181,8 +207,6 @@ def convert(src: str, dst: str, dtype: str | None, max_shard_size: str | None, v
       ckpt convert checkpoint.pt model.safetensors --preset ddp --extras extras.json
       ckpt convert pytorch_model.bin.index.json out/ --max-shard-size 2GB --dtype bf16
     """
-    from .convert import convert_to_safetensors
-
     result = convert_to_safetensors(src, dst, rules=rules_from_options(kwargs), dtype=dtype,
                                     max_shard_size=max_shard_size, verify=verify, force=force,
                                     extras_path=extras_path)
@@ -221,8 +245,6 @@ def diff(source: str, model: str | None, model_config: str | None, against: str 
       ckpt diff train.pt --model openflamingo-3b-vitl-mpt1b --strip-prefix module. --format json
       ckpt diff new.safetensors --against old.safetensors --format markdown
     """
-    from .diff import diff_keys, target_from_options
-
     report = diff_keys(source, target_from_options(model, model_config, against), remap=rules_from_options(kwargs),
                        expect_missing=expect_missing, require=require)
     emit(report, fmt)
@@ -245,6 +267,7 @@ def diff(source: str, model: str | None, model_config: str | None, against: str 
               help="Record the pinned commit and the file's sha256 here.")
 @click.option("--convert", "convert_to", type=click.Path(), metavar="DST",
               help="Also convert to a verified .safetensors at DST (and load from it).")
+@click.option("--overwrite", is_flag=True, help="Let --convert replace an existing DST (as `ckpt convert --force`).")
 @click.option("--load", "do_load", is_flag=True,
               help="Also load the checkpoint into the model and verify every tensor landed.")
 @click.option("--force", is_flag=True, help="Go on past a failing key check (download, convert, load what fits).")
@@ -255,7 +278,7 @@ def diff(source: str, model: str | None, model_config: str | None, against: str 
 @format_option
 def validate(source: str, model: str | None, model_config: str | None, expect_missing: tuple[str, ...],
              require: tuple[str, ...], revision: str | None, endpoint: str | None, cache_dir: str | None,
-             lock_file: str | None, convert_to: str | None, do_load: bool, force: bool, allow_random: bool,
+             lock_file: str | None, convert_to: str | None, overwrite: bool, do_load: bool, force: bool, allow_random: bool,
              device: str, fmt: str, **kwargs) -> None:
     """Validate a checkpoint: pin, inspect, diff (remotely first), download, convert, load: one verdict.
 
@@ -270,18 +293,17 @@ def validate(source: str, model: str | None, model_config: str | None, expect_mi
       ckpt validate openflamingo/OpenFlamingo-3B-vitl-mpt1b --revision main --model openflamingo-3b-vitl-mpt1b --lock of3b.lock
       ckpt validate checkpoint.pt --model openflamingo-3b-vitl-mpt1b --convert model.safetensors --load
     """
-    from .validation import validate as run_validate
-
     report = run_validate(source, model=model, model_config=model_config, remap=rules_from_options(kwargs),
                           expect_missing=expect_missing, require=require, load=do_load, force=force,
                           device=device, revision=revision, endpoint=endpoint, cache_dir=cache_dir,
-                          lock=lock_file, convert=convert_to, allow_random=allow_random)
+                          lock=lock_file, convert=convert_to, overwrite=overwrite,
+                          allow_random=allow_random)
     emit(report, fmt)
     sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
 
 
 # --- download ---
-@cli.command("download")
+@cli.command()
 @click.argument("repo_id")
 @click.argument("files", nargs=-1)
 @click.option("--revision", default="main", show_default=True, help="Branch, tag or commit; resolved to one commit before any file.")
@@ -291,8 +313,10 @@ def validate(source: str, model: str | None, model_config: str | None, expect_mi
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Hub cache folder (default: HF_HUB_CACHE).")
 @click.option("--local-dir", type=click.Path(file_okay=False), help="Put plain files here instead of the cache.")
 @click.option("--endpoint", metavar="URL", help="Hub or mirror URL (default: HF_ENDPOINT).")
+@click.option("--dry-run", is_flag=True, help="Pin the commit and show what would be fetched (sizes, what is cached); "
+                                               "write nothing.")
 @format_option
-def download_command(repo_id, files, revision, lock, locked, cache_dir, local_dir, endpoint, fmt):
+def download(repo_id, files, revision, lock, locked, cache_dir, local_dir, endpoint, dry_run, fmt):
     """Download files of REPO_ID at one pinned commit: resumable, hashed, verified.
 
     Without FILES, every file of the revision. A partial file survives an interrupted run and
@@ -302,20 +326,19 @@ def download_command(repo_id, files, revision, lock, locked, cache_dir, local_di
     Example:
       ckpt download openflamingo/OpenFlamingo-3B-vitl-mpt1b checkpoint.pt --lock ckpt.lock
       ckpt download openflamingo/OpenFlamingo-3B-vitl-mpt1b --lock ckpt.lock --locked
+      ckpt download openflamingo/OpenFlamingo-3B-vitl-mpt1b --dry-run
     """
-    from .hub import download
-
-    result = download(repo_id, files, revision=revision, cache_dir=cache_dir, local_dir=local_dir,
-                      endpoint=endpoint, lock=lock, locked=locked)
-    emit(result, fmt)
+    plan = hub.plan_download(repo_id, files, revision=revision, cache_dir=cache_dir, local_dir=local_dir,
+                             endpoint=endpoint, lock=lock, locked=locked)
+    emit(plan if dry_run else hub.execute(plan), fmt)
 
 
 # --- serve ---
-@cli.command("serve")
+@cli.command()
 @click.argument("folder", metavar="DIR", type=click.Path(exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", default=8080, show_default=True, type=int, help="Port (0 picks a free one).")
-def serve_command(folder, host, port):
+def serve(folder, host, port):
     """Serve DIR, a hub cache folder (models--ORG--NAME/...), as a local hub mirror.
 
     huggingface_hub, transformers and `ckpt download` use it with HF_ENDPOINT.
@@ -325,9 +348,7 @@ def serve_command(folder, host, port):
       ckpt serve ~/.cache/huggingface/hub --port 8080
       HF_ENDPOINT=http://127.0.0.1:8080 ckpt download openflamingo/OpenFlamingo-3B-vitl-mpt1b
     """
-    from .server import serve
-
-    serve(folder, host, port)
+    server.serve(folder, host, port, out=command_stdout())
 
 
 # --- scan ---
@@ -347,8 +368,6 @@ def scan(source: str, fmt: str) -> None:
       ckpt scan checkpoint.pt
       ckpt scan hf://openflamingo/OpenFlamingo-3B-vitl-mpt1b/checkpoint.pt --format json
     """
-    from .scan import scan_pickle
-
     report = scan_pickle(source)
     emit(report, fmt)
     sys.exit(EXIT_OK if report.verdict == "safe" else EXIT_PROBLEMS)
@@ -371,12 +390,10 @@ def demo(keep: str | None, seed: int, fmt: str) -> None:
       ckpt demo
       ckpt demo --format json --keep /tmp/ckpt-demo
     """
-    from .demo import run_demo
-
     def progress(step) -> None:
         click.echo(f"[{step.name}] {'ok' if step.ok else 'FAIL'} ({step.seconds:.1f}s) {step.detail}", err=True)
 
-    report = run_demo(keep=keep, seed=seed, progress=progress)
+    report = demo_module.run_demo(keep=keep, seed=seed, progress=progress)
     emit(report, fmt)
     sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
 

@@ -14,7 +14,11 @@ Everything lives in a temporary folder that is removed at the end (``keep`` keep
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
+import logging
+import os
+import selectors
 import shutil
 import subprocess
 import sys
@@ -26,7 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CkptError, UsageError
+from .hub import download
+from .presets import get_preset
 from .render import markdown_table, rich_table
+from .server import publish
+from .validation import validate
 
 DEFAULT_PRESET = "openflamingo-tiny"
 
@@ -86,19 +94,16 @@ class DemoReport:
 
 
 def _import(spec: str):
-    import importlib
-
     module, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
 def _demo_kit(preset_name: str):
-    from .presets import get_preset
-
     preset = get_preset(preset_name)
     spec = (preset.info or {}).get("demo")
     if not spec:
-        raise UsageError(f"preset {preset_name!r} has no demo kit", fix=f"use --preset {DEFAULT_PRESET}")
+        raise UsageError(f"preset {preset_name!r} has no demo kit (no info['demo'])",
+                         fix=f"run the demo with preset={DEFAULT_PRESET!r}")
     return _import(spec)()
 
 
@@ -123,8 +128,6 @@ def served(folder: Path, timeout: float = 60.0) -> Iterator[str]:
 
 
 def _first_line(process: subprocess.Popen, timeout: float) -> str:
-    import selectors
-
     selector = selectors.DefaultSelector()
     selector.register(process.stdout, selectors.EVENT_READ)
     if not selector.select(timeout):
@@ -150,9 +153,6 @@ class _Steps:
 
 
 def _quiet_libraries() -> None:
-    import logging
-    import os
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     with contextlib.suppress(ImportError):
@@ -166,10 +166,6 @@ def _quiet_libraries() -> None:
 def run_demo(*, preset: str = DEFAULT_PRESET, keep: str | Path | None = None, seed: int = 0,
              progress: Callable[[DemoStep], None] | None = None) -> DemoReport:
     """Build, publish, serve, validate (pin, remote diff, download, convert, load), generate."""
-    from .hub import download
-    from .server import publish
-    from .validation import validate
-
     _quiet_libraries()
     kit = _demo_kit(preset)
     report = DemoReport(preset)

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
 from .meta import TensorMeta
 from .naming import collapse, format_numbers, module_prefix
+from .presets import ModelPreset, get_preset
+from .remap import apply_remap, coerce_rules
 from .render import human_count, markdown_table, rich_table
+from .side import Side
+from .targets import open_side, resolve_target
 
 COUNT_NAMES = ("matched", "dtype_mismatch", "shape_mismatch", "unexpected", "missing_expected",
                "missing_unexpected")
@@ -49,170 +51,6 @@ MAX_GROUPS = 12
 
 # ---------------------------------------------------------------------------------------------
 # the two sides
-
-
-@dataclass
-class Side:
-    """One side of a diff: tensors by name, alias groups, and which names are trained."""
-
-    label: str
-    metas: dict[str, TensorMeta]
-    groups: list[list[str]]  # every name in exactly one group, first name = canonical
-    trainable: dict[str, bool] | None = None  # None: unknown (a checkpoint), treat as required
-    model: Any = None  # the nn.Module, when the side is one
-    preset: Any = None  # the ModelPreset it came from, if any
-
-
-def _groups_from_aliases(names: Iterable[str], aliases: Iterable[Sequence[str]]) -> list[list[str]]:
-    first_of: dict[str, list[str]] = {}
-    for group in aliases:
-        members = list(group)
-        for name in members:
-            first_of[name] = members
-    seen: set[str] = set()
-    out: list[list[str]] = []
-    for name in names:
-        if name in seen:
-            continue
-        group = [n for n in first_of.get(name, [name]) if n not in seen] or [name]
-        seen.update(group)
-        out.append(group)
-    return out
-
-
-def _tensor_identity(tensor) -> tuple:
-    if tensor.device.type == "meta" or tensor.data_ptr() == 0:
-        return ("id", id(tensor))
-    return ("ptr", tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
-
-
-def _side_from_state(label: str, state: Mapping[str, Any], trainable: dict[str, bool] | None,
-                     model: Any = None) -> Side:
-    by_identity: dict[tuple, list[str]] = {}
-    for name, tensor in state.items():
-        by_identity.setdefault(_tensor_identity(tensor), []).append(name)
-    metas = {name: TensorMeta.from_tensor(name, t) for name, t in state.items()}
-    return Side(label, metas, list(by_identity.values()), trainable, model)
-
-
-def module_side(model, label: str | None = None) -> Side:
-    """Parameters and persistent buffers of a model (real or meta), with its tied names."""
-    import torch
-
-    # state_dict(keep_vars=True) lists every name load_state_dict expects, including names a
-    # shared submodule is reachable under, and leaves out non-persistent buffers.
-    state = model.state_dict(keep_vars=True)
-    trainable = {name: isinstance(t, torch.nn.Parameter) and t.requires_grad for name, t in state.items()}
-    return _side_from_state(label or type(model).__name__, state, trainable, model)
-
-
-def checkpoint_side(ckpt) -> Side:
-    return Side(ckpt.source, ckpt.metas(), _groups_from_aliases(ckpt.keys(), ckpt.aliases))
-
-
-def mapping_side(mapping: Mapping[str, Any], label: str) -> Side:
-    """A mapping of TensorMeta, or a state dict of tensors (ties found by storage)."""
-    values = list(mapping.values())
-    if all(isinstance(v, TensorMeta) for v in values):
-        metas = {k: (v if v.name == k else v.renamed(k)) for k, v in mapping.items()}
-        return Side(label, metas, [[k] for k in metas])
-    return _side_from_state(label, mapping, None)
-
-
-def _is_module(obj) -> bool:
-    return hasattr(obj, "state_dict") and hasattr(obj, "named_parameters")
-
-
-def _open_source(source) -> tuple[Side, Any]:
-    """A checkpoint side from a Checkpoint, a path/hf:// reference, or a mapping; returns the
-    Checkpoint when one was opened here (the caller closes it)."""
-    from .reader import Checkpoint, open_checkpoint
-
-    if isinstance(source, Checkpoint):
-        return checkpoint_side(source), None
-    if isinstance(source, Mapping):
-        return mapping_side(source, "checkpoint"), None
-    if isinstance(source, str | Path):
-        ckpt = open_checkpoint(source)
-        return checkpoint_side(ckpt), ckpt
-    raise UsageError(f"cannot diff a {type(source).__name__}",
-                     fix="pass a path, an hf:// reference, a Checkpoint or a mapping of TensorMeta")
-
-
-def resolve_target(target) -> Side:
-    """A target side from a model, a preset (name or ModelPreset), a model-config file, another
-    checkpoint (path, hf:// reference or Checkpoint) or a mapping."""
-    from .presets import ModelPreset
-    from .reader import Checkpoint
-
-    if isinstance(target, Side):
-        return target
-    if _is_module(target):
-        return module_side(target)
-    if isinstance(target, ModelPreset):
-        return preset_side(target)
-    if callable(target):  # a deferred target: built only once the checkpoint opened fine
-        return resolve_target(target())
-    if isinstance(target, Checkpoint | Mapping):
-        return _open_source(target)[0]
-    if not isinstance(target, str | Path):
-        raise UsageError(f"cannot diff against a {type(target).__name__}",
-                         fix="pass an nn.Module, a preset name, a model config file, a checkpoint or a mapping")
-    text = str(target)
-    if is_model_config(text):
-        from .modelconfig import build_from_config
-
-        return module_side(build_from_config(text, device="meta"), label=text)
-    if not text.startswith("hf://") and not Path(text).exists():
-        return preset_side(text)  # get_preset raises with the list of known presets
-    side, ckpt = _open_source(text)
-    ckpt.close()
-    return side
-
-
-def target_from_options(model: str | None = None, model_config: str | None = None,
-                        against: str | None = None) -> Callable[[], Side]:
-    """The target of ``ckpt diff`` (exactly one of a preset name, a model-config file, a checkpoint),
-    deferred: ``diff_keys`` builds it after the checkpoint opened, so a bad path fails fast."""
-    given = [v for v in (model, model_config, against) if v is not None]
-    if len(given) != 1:
-        raise UsageError("give exactly one target: --model PRESET, --model-config FILE or --against SOURCE",
-                         fix="e.g. ckpt diff checkpoint.pt --model openflamingo-3b-vitl-mpt1b")
-
-    def build() -> Side:
-        if model is not None:
-            return preset_side(model)
-        if model_config is not None:
-            from .modelconfig import build_from_config
-
-            return module_side(build_from_config(model_config, device="meta"), label=str(model_config))
-        side, ckpt = _open_source(against)
-        ckpt.close()
-        return side
-
-    return build
-
-
-def is_model_config(path: str | Path) -> bool:
-    """A .json/.toml file that is not a sharded checkpoint's index."""
-    path = Path(path)
-    return path.suffix in (".json", ".toml") and not path.name.endswith(".index.json") and path.is_file()
-
-
-def preset_side(preset, *, cached: bool = True) -> Side:
-    """The key listing of a preset's meta-device skeleton (from the skeleton cache when possible)."""
-    from .presets import ModelPreset, get_preset
-    from .skeleton import preset_listing
-
-    if not isinstance(preset, ModelPreset):
-        preset = get_preset(str(preset))
-
-    def build() -> Side:
-        return module_side(preset.build(device="meta"), label=preset.name)
-
-    side = preset_listing(preset, build) if cached else build()
-    side.preset = preset
-    return side
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,19 +282,6 @@ def _template_prefix(key: str) -> str:
 # the diff
 
 
-def _normalise_rules(remap) -> list:
-    from .remap import Rule, rules_from_dicts
-
-    if remap is None:
-        return []
-    if hasattr(remap, "rules") and not isinstance(remap, list | tuple):
-        remap = remap.rules  # a RemapResult
-    items = list(remap)
-    if all(isinstance(r, Rule) for r in items):
-        return items
-    return [r if isinstance(r, Rule) else rules_from_dicts([r])[0] for r in items]
-
-
 def _matches(names: Iterable[str], globs: Sequence[str]) -> str | None:
     for glob in globs:
         if any(fnmatch.fnmatchcase(name, glob) for name in names):
@@ -496,15 +321,13 @@ def diff_keys(checkpoint, target, *, remap=None, expect_missing: Sequence[str] =
     preset's own remap. ``preset``: a preset whose remap, expectations and hints apply to a target
     given as a model (``load_checkpoint`` passes it).
     """
-    ck, opened = _open_source(checkpoint)
+    ck, opened = open_side(checkpoint)
     try:
         side = resolve_target(target)
     finally:
         if opened is not None:
             opened.close()  # the listing is all a diff needs
     if preset is not None:
-        from .presets import ModelPreset, get_preset
-
         side.preset = preset if isinstance(preset, ModelPreset) else get_preset(str(preset))
     return compare(ck, side, remap=remap, expect_missing=expect_missing, require=require)
 
@@ -512,10 +335,8 @@ def diff_keys(checkpoint, target, *, remap=None, expect_missing: Sequence[str] =
 def compare(ck: Side, target: Side, *, remap=None, expect_missing: Sequence[str] = (),
             require: Sequence[str] = ()) -> KeyReport:
     """The diff proper, on two resolved sides (what ``load_checkpoint`` calls on its own model)."""
-    from .remap import apply_remap
-
     preset = target.preset
-    rules = _normalise_rules(remap) + _normalise_rules(list(preset.remap) if preset else [])
+    rules = coerce_rules(remap) + coerce_rules(list(preset.remap) if preset else [])
     result = apply_remap(ck.metas, rules)
     renamed = result.mapping  # old -> new, kept keys only
     by_new = {new: old for old, new in renamed.items()}
@@ -858,5 +679,4 @@ def _row(prefix: list[str], items: list[Entry], note: str = "") -> CoverageRow:
                        sum(e.model.numel for e in covered), sum(e.model.numel for e in items))
 
 
-__all__ = ["KeyReport", "Problem", "CoverageRow", "Entry", "Side", "diff_keys", "compare", "module_side",
-           "resolve_target", "group_problems"]
+__all__ = ["CoverageRow", "Entry", "KeyReport", "Problem", "compare", "diff_keys", "group_problems"]

@@ -6,6 +6,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .formats import open_checkpoint
 from .meta import TensorMeta
 from .naming import collapse, module_prefix
 from .render import human_bytes, human_count, markdown_table, rich_table
@@ -111,8 +112,6 @@ def _group(name: str, metas: list[TensorMeta]) -> Group:
 def inspect_checkpoint(source: str | Path, *, filter: str | None = None, depth: int = 3,
                        **options) -> InspectReport:
     """List keys, shapes, dtypes, aliases, extras and metadata of any checkpoint without its bytes."""
-    from .reader import open_checkpoint
-
     with open_checkpoint(source, **options) as ckpt:
         tensors = ckpt.metas()
         if filter:

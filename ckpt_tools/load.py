@@ -1,4 +1,4 @@
-"""load_checkpoint(model, source) -> KeyReport: ``strict=False`` done right.
+"""load_checkpoint(checkpoint, model) -> KeyReport: ``strict=False`` done right.
 
 The key report comes first and a failing verdict refuses the load (``force=True`` loads what
 fits anyway). Then only tensors whose shapes agree are copied, one at a time from the lazy reader,
@@ -14,35 +14,41 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from .diff import Entry, KeyReport, Problem, checkpoint_side, compare, module_side
-from .errors import LoadRefusedError
+from .checkpoint import Checkpoint
+from .diff import Entry, KeyReport, Problem, compare
+from .errors import LoadRefusedError, UsageError
+from .formats import open_checkpoint
+from .presets import ModelPreset, get_preset
+from .provenance import WeightSource, record
+from .targets import checkpoint_side, is_module, module_side
 
 
 def _resolve_preset(preset):
     if preset is None:
         return None
-    from .presets import ModelPreset, get_preset
-
     return preset if isinstance(preset, ModelPreset) else get_preset(str(preset))
 
 
-def load_checkpoint(model, source, *, remap=None, expect_missing: Sequence[str] = (),
+def load_checkpoint(checkpoint, model, *, remap=None, expect_missing: Sequence[str] = (),
                     require: Sequence[str] = (), force: bool = False, preset=None, verify: bool = True,
                     device: str | None = None, provenance=None) -> KeyReport:
-    """Diff ``source`` against ``model``, then load every tensor that fits and verify it landed.
+    """Diff ``checkpoint`` against ``model``, then load every tensor that fits and verify it landed.
 
-    ``source``: a path, hf:// reference or open Checkpoint. ``preset``: a preset name or
+    ``checkpoint``: a path, hf:// reference or open Checkpoint (the same first argument as
+    ``diff_keys``). ``preset``: a preset name or
     ModelPreset whose remap, expectations, hints and post-load checks apply. ``force``: load even
     when the verdict fails (shape mismatches are still skipped). ``device``: where tensors of a
     meta-device model are materialised (default ``cpu``). ``provenance``: the WeightSource recorded
     for every tensor loaded (default: the checkpoint's file name). Raises LoadRefusedError
     (carrying the report) when the verdict fails and ``force`` is not set.
     """
-    from .reader import Checkpoint, open_checkpoint
-
-    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
+    if is_module(checkpoint) and not is_module(model):
+        raise UsageError("load_checkpoint takes the checkpoint first, then the model",
+                         fix="call load_checkpoint(checkpoint, model), as diff_keys(checkpoint, target)")
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     try:
         side = module_side(model)
         side.preset = _resolve_preset(preset)
@@ -56,7 +62,7 @@ def load_checkpoint(model, source, *, remap=None, expect_missing: Sequence[str] 
                                  forced=force and not report.ok)
         _record(model, report, provenance, ckpt)
     finally:
-        if ckpt is not source:
+        if ckpt is not checkpoint:
             ckpt.close()
     for text in report.load["checks"]:
         report.problems.append(Problem("load", "(model)", text, "check that the checkpoint holds trained weights"))
@@ -67,10 +73,6 @@ def load_checkpoint(model, source, *, remap=None, expect_missing: Sequence[str] 
 
 def _record(model, report: KeyReport, provenance, ckpt) -> None:
     """Mark every loaded name (tied names too) as coming from this checkpoint."""
-    from pathlib import Path
-
-    from .provenance import WeightSource, record
-
     source = provenance or WeightSource("checkpoint", Path(str(ckpt.source)).name)
     record(model, source, names=[name for entry in report.loadable() for name in entry.names])
 

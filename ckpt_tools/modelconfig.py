@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .presets import available_presets
 
 FACTORY_GROUP = "ckpt_tools.factories"
 _PATH_SUFFIXES = ("_path", "_pretrained", "_dir", "_file")
@@ -93,8 +94,6 @@ def _registered_factories() -> dict[str, Any]:
 
 
 def _preset_factories() -> set[str]:
-    from .presets import available_presets
-
     try:
         presets = available_presets()
     except ImportError:

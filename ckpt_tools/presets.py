@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any
+
+from .errors import UsageError
 
 ENTRY_POINT_GROUP = "ckpt_tools.models"
 
@@ -40,8 +43,6 @@ class ModelPreset:
 
 def available_presets() -> dict[str, ModelPreset]:
     """Every preset registered under ``ckpt_tools.models``, read when called (never at import)."""
-    from importlib.metadata import entry_points
-
     found: dict[str, ModelPreset] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         found.update(ep.load()())
@@ -49,8 +50,6 @@ def available_presets() -> dict[str, ModelPreset]:
 
 
 def get_preset(name: str) -> ModelPreset:
-    from .errors import UsageError
-
     presets = available_presets()
     try:
         return presets[name]

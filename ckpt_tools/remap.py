@@ -28,13 +28,16 @@ returning ``{name: [rule dicts]}``); model presets (``ckpt_tools.models``) are f
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
+import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import RemapError, UsageError
+from .presets import available_presets
 
 ENTRY_POINT_GROUP = "ckpt_tools.remaps"
 
@@ -253,8 +256,6 @@ def preset_rules(name: str, *, _depth: int = 0) -> list[Rule]:
 
 
 def _model_presets() -> dict:
-    from .presets import available_presets
-
     try:
         return available_presets()
     except ImportError:  # a model package that is not importable has no presets to offer
@@ -286,20 +287,55 @@ def _rules_from(items: Iterable[Mapping[str, Any]], *, origin: str | None, depth
 
 def rules_from_file(path: str | Path) -> list[Rule]:
     """Rules from a TOML file of ``[[rule]]`` tables."""
-    import tomllib
-
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UsageError("rules file not found", path=str(path), fix="check the --rules path") from None
+    return rules_from_toml(text, origin=str(path))
+
+
+def rules_from_toml(text: str, *, origin: str | None = None) -> list[Rule]:
+    """Rules from the text of a rules file (``[[rule]]`` tables)."""
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise RemapError(f"invalid TOML: {exc}", path=str(path), fix="fix the syntax") from None
+        raise RemapError(f"invalid TOML: {exc}", path=origin, fix="fix the syntax") from None
     unknown = set(data) - {"rule"}
     if unknown:
-        raise RemapError(f"unknown top-level keys {sorted(unknown)}", path=str(path),
+        raise RemapError(f"unknown top-level keys {sorted(unknown)}", path=origin,
                          fix="put every rule in a [[rule]] table")
-    return rules_from_dicts(data.get("rule", []), origin=str(path))
+    return rules_from_dicts(data.get("rule", []), origin=origin)
+
+
+def coerce_rules(rules) -> list[Rule]:
+    """Rules given any way the library accepts them: None, a list of ``Rule`` objects and/or
+    rules-file dicts (``{"preset": "ddp"}``, ``{"rename": [regex, repl]}``), one such dict, the
+    text of a rules file, or the path of one. Anything else is a RemapError naming it."""
+    if rules is None:
+        return []
+    if isinstance(rules, Rule):
+        return [rules]
+    if isinstance(rules, Mapping):
+        return rules_from_dicts([rules])
+    if isinstance(rules, Path) or (isinstance(rules, str) and not rules.lstrip().startswith("[")
+                                   and Path(rules).suffix == ".toml"):
+        return rules_from_file(rules)
+    if isinstance(rules, str):
+        return rules_from_toml(rules, origin="rules text")
+    if isinstance(rules, Iterable):
+        out: list[Rule] = []
+        for item in rules:
+            if isinstance(item, Rule):
+                out.append(item)
+            elif isinstance(item, Mapping):
+                out += rules_from_dicts([item])
+            else:
+                raise RemapError(f"a rule must be a Rule or a rules-file dict, got {item!r:.80}",
+                                 fix='write e.g. {"preset": "ddp"} or {"rename": ["^old\\.", "new."]}')
+        return out
+    raise RemapError(f"rules must be a list of rules, a rules file or its text, got {type(rules).__name__}",
+                     fix='pass e.g. [{"preset": "ddp"}], or a path to a .toml rules file')
 
 
 def parse_rename(text: str) -> tuple[str, str]:
@@ -333,6 +369,4 @@ def rules_from_cli(strip_prefix: Sequence[str] = (), add_prefix: Sequence[str] =
 
 def rules_to_json(rules: Sequence[Rule] | None) -> str:
     """Compact JSON of a rule list, for provenance metadata."""
-    import json
-
     return json.dumps([r.to_dict() for r in rules or []], separators=(",", ":"))

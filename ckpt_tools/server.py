@@ -7,7 +7,7 @@ connected machine can be served onwards on an air-gapped cluster. The unmodified
 ``HF_ENDPOINT``. It is also the hub the tests talk to, with a fault-injection hook (``Fault``) that
 makes it misbehave in the ways real networks do.
 
-Protocol (what huggingface_hub 2.x needs, see DESIGN.md section 4):
+Protocol (what the huggingface_hub client needs):
   HEAD/GET /{org}/{name}/resolve/{rev}/{path}        Range -> 206, ETag = sha256 of the content
   GET /api/models/{org}/{name}[/revision/{rev}]      {"id", "sha", "siblings": [{"rfilename"}]}
   GET /api/models/{org}/{name}/tree/{rev}[/{path}]   entries {type, path, size, oid[, lfs]}
@@ -20,21 +20,22 @@ import hashlib
 import json
 import os
 import re
-import shutil
+import secrets
 import socket
+import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TextIO
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .errors import UsageError
+from .fs import COMMIT_RE, AtomicFile, atomic_symlink, atomic_write
 
-COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # The text of a git-lfs pointer file: the tree API's "oid" of an LFS file is the git sha1 of this
 # text. Its first line is the pointer format's fixed version identifier, not an address to contact.
@@ -57,7 +58,7 @@ class HubServerError(Exception):
 # -- the served folder ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Entry:
+class ServedFile:
     """One file of a repo at a commit."""
 
     path: str
@@ -95,7 +96,7 @@ class HubFolder:
             return revision
         raise HubServerError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
 
-    def entry(self, repo_id: str, commit: str, path: str) -> Entry:
+    def entry(self, repo_id: str, commit: str, path: str) -> ServedFile:
         if not _safe_relpath(path):
             raise HubServerError(400, None, f"invalid path {path!r}", commit)
         snapshot = self.repo_dir(repo_id) / "snapshots" / commit
@@ -106,7 +107,7 @@ class HubFolder:
         # Symlinks may point into blobs/ but never outside the repo folder.
         if not real.is_relative_to(self.repo_dir(repo_id).resolve()):
             raise HubServerError(403, None, f"{path} points outside the repository", commit)
-        return Entry(path, real, real.stat().st_size)
+        return ServedFile(path, real, real.stat().st_size)
 
     def files(self, repo_id: str, commit: str) -> list[str]:
         snapshot = self.repo_dir(repo_id) / "snapshots" / commit
@@ -118,7 +119,7 @@ class HubFolder:
                 found.append((rel / name).as_posix())
         return found
 
-    def hashes(self, entry: Entry) -> tuple[str, str]:
+    def hashes(self, entry: ServedFile) -> tuple[str, str]:
         """(sha256, git blob sha1) of an entry. A blob named by a sha256 is trusted to hold it (the
         hub names LFS blobs by their sha256), so a large cache serves without reading every byte."""
         stat = entry.file.stat()
@@ -139,7 +140,7 @@ class HubFolder:
             self._hashes[key] = (sha256, sha1)
         return sha256, sha1
 
-    def tree_entry(self, entry: Entry) -> dict:
+    def tree_entry(self, entry: ServedFile) -> dict:
         sha256, sha1 = self.hashes(entry)
         item = {"type": "file", "path": entry.path, "size": entry.size, "oid": sha1}
         if _is_lfs(entry.path, entry.size):
@@ -507,10 +508,13 @@ class HubServer:
         self.stop()
 
 
-def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8080, *, verbose: bool = True) -> None:
-    """Serve ``root`` until interrupted (the ``ckpt serve`` command)."""
+def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8080, *, verbose: bool = True,
+          out: TextIO | None = None) -> None:
+    """Serve ``root`` until interrupted (the ``ckpt serve`` command); the address is announced on
+    ``out`` (stdout by default) as the first line, for scripts that start it with ``--port 0``."""
     server = HubServer(root, host, port, verbose=verbose)
-    print(f"serving {server.folder.root} at {server.endpoint} (set HF_ENDPOINT={server.endpoint})", flush=True)
+    print(f"serving {server.folder.root} at {server.endpoint} (set HF_ENDPOINT={server.endpoint})",
+          file=out or sys.stdout, flush=True)
     try:
         server.serve_forever()
     finally:
@@ -540,12 +544,16 @@ def publish(root: str | Path, repo_id: str, files: Mapping[str, bytes | str | Pa
         if not _safe_relpath(path):
             raise UsageError("a file path in a repo must be relative, without '..'", path=path)
         stored[path] = _store_blob(blobs, content, link)
-    commit = hashlib.sha1(json.dumps([repo_id, stored, message, uuid.uuid4().hex]).encode()).hexdigest()
+    # like git without timestamps: the same files on the same parent are the same commit, so a
+    # repository built twice from the same content (``ckpt demo --seed 0``) has the same commit ids
+    head = folder / "refs" / branch
+    parent = head.read_text().strip() if head.is_file() else ""
+    commit = hashlib.sha1(json.dumps([repo_id, stored, message, parent]).encode()).hexdigest()
     snapshot = folder / "snapshots" / commit
     for path, sha in stored.items():
         pointer = snapshot / path
-        pointer.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(os.path.relpath(blobs / sha, pointer.parent), pointer)
+        if not pointer.is_symlink():
+            atomic_symlink(os.path.relpath(blobs / sha, pointer.parent), pointer)
     for ref in [branch] + ([tag] if tag else []):
         _write_ref(folder, ref, commit)
     return commit
@@ -555,20 +563,13 @@ def _store_blob(blobs: Path, content: bytes | str | Path, link: bool = False) ->
     if isinstance(content, bytes):
         sha = hashlib.sha256(content).hexdigest()
         if not (blobs / sha).exists():
-            _atomic_write(blobs / sha, content)
+            atomic_write(blobs / sha, content)
         return sha
     source = Path(content)
     sha, _ = _hash_file(source, source.stat().st_size)
     target = blobs / sha
     if not target.exists():
-        tmp = target.with_name(f"{sha}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            if not link:
-                raise OSError("copy requested")
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        _link_or_copy_into(source, target, link)
     return sha
 
 
@@ -577,17 +578,21 @@ def _write_ref(folder: Path, ref: str, commit: str) -> None:
         raise UsageError("a branch or tag name must be a relative name without '..'", path=ref)
     target = folder / "refs" / ref
     target.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(target, commit.encode())
+    atomic_write(target, commit.encode())
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def iter_repos(root: str | Path) -> Iterator[str]:
-    """Repo ids served from ``root``."""
-    for folder in sorted(Path(root).glob("models--*--*")):
-        _, org, name = folder.name.split("--", 2)
-        yield f"{org}/{name}"
+def _link_or_copy_into(source: Path, target: Path, link: bool) -> None:
+    """``target`` appears whole: a hard link when asked for and possible, else a copy written
+    through a temporary name."""
+    if link:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.link(source, tmp)
+            os.replace(tmp, target)
+            return
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    with open(source, "rb") as reader, AtomicFile(target) as out:
+        while chunk := reader.read(COPY_CHUNK):
+            out.write(chunk)
+        out.commit()

@@ -6,12 +6,14 @@ needs from the skeleton is small: every state-dict name with its shape and dtype
 one tensor, and which are trained. That listing is stored as JSON under
 ``$CKPT_CACHE/skeletons/`` (default ``~/.cache/ckpt-tools``), keyed by a fingerprint of
 everything that could change it: the preset's data, the source files of the package that defines
-its ``build``, this module and ``diff.py``, and every installed distribution's version. Any change
-gives a new key; ``CKPT_SKELETON_CACHE=0`` turns the cache off.
+its ``build`` and of this module and the listing code (their syntax, not their comments), and
+every installed distribution's version. Any change that can alter a listing gives a new key;
+``CKPT_SKELETON_CACHE=0`` turns the cache off.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import json
@@ -20,7 +22,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .fs import atomic_write
 from .meta import TensorMeta
+from .side import Side
 
 FORMAT_VERSION = 1
 
@@ -55,22 +59,38 @@ def fingerprint(preset) -> str:
     digest.update(json.dumps(data, sort_keys=True, default=str).encode())
     module = getattr(preset.build, "__module__", None) or ""
     here = Path(__file__).resolve().parent
-    for path in _package_sources(module) + [here / "skeleton.py", here / "diff.py"]:
-        digest.update(str(path).encode())
-        digest.update(path.read_bytes())
+    for path in _package_sources(module) + [here / "skeleton.py", here / "side.py", here / "targets.py"]:
+        digest.update(path.name.encode())
+        digest.update(_code_digest(path))
     versions = sorted(f"{d.metadata['Name']}=={d.version}" for d in distributions())
     digest.update("\n".join(versions).encode())
     return digest.hexdigest()[:24]
 
 
-def _to_json(side) -> dict[str, Any]:
+def _code_digest(path: Path) -> bytes:
+    """What of a source file can change a listing: a Python file's syntax tree without its
+    docstrings (so a comment or docstring edit keeps the cache), any other file's bytes."""
+    raw = path.read_bytes()
+    if path.suffix != ".py":
+        return hashlib.sha256(raw).digest()
+    try:
+        tree = ast.parse(raw)
+    except (SyntaxError, ValueError):
+        return hashlib.sha256(raw).digest()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).digest()
+
+
+def _to_json(side: Side) -> dict[str, Any]:
     return {"label": side.label, "groups": side.groups, "trainable": side.trainable,
             "tensors": {k: [list(m.shape), m.dtype] for k, m in side.metas.items()}}
 
 
-def _from_json(data: dict[str, Any]):
-    from .diff import Side
-
+def _from_json(data: dict[str, Any]) -> Side:
     metas = {k: TensorMeta.of(k, shape, dtype) for k, (shape, dtype) in data["tensors"].items()}
     return Side(data["label"], metas, [list(g) for g in data["groups"]], data["trainable"])
 
@@ -89,10 +109,7 @@ def preset_listing(preset, build_side):
         return side
     side = build_side()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(_to_json(side)), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(_to_json(side)).encode("utf-8"))
         for stale in path.parent.glob(f"{preset.name}-*.json"):
             if stale != path:  # listings of older code or library versions are never read again
                 stale.unlink(missing_ok=True)

@@ -10,16 +10,23 @@ provenance summary when the model is built for real. A local source skips the hu
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .diff import KeyReport, checkpoint_side, compare, module_side
+from .convert import convert_to_safetensors
+from .diff import KeyReport, compare
 from .errors import LoadRefusedError, UsageError
-
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+from .formats import open_checkpoint
+from .hub import download as fetch
+from .inspect import InspectReport
+from .load import load_checkpoint
+from .modelconfig import build_from_config
+from .presets import get_preset
+from .provenance import ProvenanceReport, WeightSource, provenance_report
+from .sources import HfReference, hub_reference
+from .targets import checkpoint_side, module_side
 
 
 @dataclass
@@ -150,42 +157,13 @@ def build_target(model: str | None = None, model_config: str | Path | None = Non
     if model is None and model_config is None:
         raise UsageError("give a model preset (--model) or a model config (--model-config)",
                          fix="e.g. --model openflamingo-3b-vitl-mpt1b")
-    preset = None
-    if model is not None:
-        from .presets import get_preset
-
-        preset = get_preset(model)
+    preset = get_preset(model) if model is not None else None
     if model_config is None:
         return Target(preset.build(device=device), preset, preset.name)
-    from .modelconfig import build_from_config
-
     built = build_from_config(model_config, device=device, full=True)
     module = built[0] if isinstance(built, tuple) else built
     return Target(module, preset, preset.name if preset else str(model_config),
                   built if isinstance(built, tuple) else (built,))
-
-
-def hub_reference(source: str, *, revision: str | None, preset_name: str | None):
-    """The HfReference a source names, or None for a local path."""
-    from .formats.remote import HfReference, parse_hf_reference
-
-    if source.startswith("hf://"):
-        ref = parse_hf_reference(source)
-        if revision and "@" in source.split("/", 4)[3] and revision != ref.revision:
-            raise UsageError(f"--revision {revision} contradicts the reference's @{ref.revision}", path=source,
-                             fix="give the revision once")
-        return HfReference(ref.repo_id, revision or ref.revision, ref.path)
-    if Path(source).exists() or not _REPO_ID.match(source):
-        return None
-    filename = None
-    if preset_name:
-        from .presets import get_preset
-
-        filename = get_preset(preset_name).filename
-    if not filename:
-        raise UsageError("a repo id needs the checkpoint's file name", path=source,
-                         fix=f"write hf://{source}[@REVISION]/FILE, or give --model with a preset that names it")
-    return HfReference(source, revision or "main", filename)
 
 
 def validate(source: str | Path, *, model: str | None = None, model_config: str | Path | None = None,
@@ -193,19 +171,21 @@ def validate(source: str | Path, *, model: str | None = None, model_config: str 
              load: bool = False, force: bool = False, device: str = "meta", load_device: str | None = None,
              revision: str | None = None, endpoint: str | None = None, token: str | None = None,
              cache_dir: str | Path | None = None, lock: str | Path | None = None,
-             convert: str | Path | None = None, allow_random: bool = False) -> ValidationReport:
+             convert: str | Path | None = None, overwrite: bool = False,
+             allow_random: bool = False) -> ValidationReport:
     """Validate a checkpoint against the model it is meant for; see the module docstring.
 
     ``device``: where the target model is built (``meta``: a skeleton; tensors loaded into it are
     materialised on ``load_device``, default cpu). ``convert``: also write a verified
-    ``.safetensors`` there (and load from it). ``force``: go on past a failing key check.
+    ``.safetensors`` there (and load from it); an existing file there is replaced only with
+    ``overwrite`` (as ``ckpt convert --force``). ``force``: go on past a failing key check.
     ``allow_random``: a model built for real may keep randomly initialised parameters after the
     load (by default any such parameter fails the verdict).
     """
     if model is None and model_config is None:
         build_target(model, model_config)  # raises the usage error before anything is opened
     options = {"remap": remap, "expect_missing": expect_missing, "require": require}
-    ref = hub_reference(str(source), revision=revision, preset_name=model)
+    ref = hub_reference(str(source), revision=revision, filename=get_preset(model).filename if model else None)
     remote = download = skeleton = None
     local = source
     if ref is not None:
@@ -215,8 +195,6 @@ def validate(source: str | Path, *, model: str | None = None, model_config: str 
             return ValidationReport(str(source), remote.keys.target, _listing(remote.pinned, None, remote),
                                     remote.keys, remote=remote,
                                     stopped="the key check failed before download (pass --force to download anyway)")
-        from .hub import download as fetch
-
         download = fetch(ref.repo_id, [ref.path], revision=remote.commit, cache_dir=cache_dir,
                          endpoint=endpoint, token=token, lock=lock)
         local = download.files[0].local_path
@@ -228,15 +206,13 @@ def validate(source: str | Path, *, model: str | None = None, model_config: str 
         return build_target(model, model_config, device=device)
 
     report = _validate_local(local, str(source), target, options, load=load, force=force,
-                             device=device, load_device=load_device, convert=convert,
+                             device=device, load_device=load_device, convert=convert, overwrite=overwrite,
                              origin=_origin(ref, remote, download, local), allow_random=allow_random)
     report.remote, report.download = remote, download
     return report
 
 
-def _listing(source: str, ckpt, remote: RemoteCheck | None = None):
-    from .inspect import InspectReport
-
+def _listing(source: str, ckpt, remote: RemoteCheck | None = None) -> InspectReport:
     if ckpt is None:
         return InspectReport(source=source, format="hub", wrapper=None, tensors={},
                              bytes_read=remote.bytes_fetched if remote else None)
@@ -248,9 +224,7 @@ def _listing(source: str, ckpt, remote: RemoteCheck | None = None):
 
 def _remote_check(ref, given: str, skeleton: Target, endpoint, token, options) -> RemoteCheck:
     """Pin the revision and diff the remote listing against the skeleton (meta device)."""
-    from .formats.remote import HfReference, open_remote
-
-    with open_remote(ref, endpoint=endpoint, token=token) as ckpt:
+    with open_checkpoint(ref, endpoint=endpoint, token=token) as ckpt:
         commit = ckpt.commit
         keys = _diff(ckpt, skeleton, options)
         fetched = ckpt.bytes_read
@@ -266,8 +240,6 @@ def _diff(ckpt, target: Target, options: dict) -> KeyReport:
 
 def _origin(ref, remote: RemoteCheck | None, download, local) -> Any:
     """Where the checkpoint's tensors come from, for provenance."""
-    from .provenance import WeightSource
-
     if ref is None:
         return WeightSource("checkpoint", Path(str(local)).name)
     return WeightSource("checkpoint", f"{ref.repo_id}/{ref.path}", revision=remote.commit,
@@ -275,11 +247,8 @@ def _origin(ref, remote: RemoteCheck | None, download, local) -> Any:
 
 
 def _validate_local(local, given: str, make_target: Callable[[], Target], options: dict, *, load: bool, force: bool,
-                    device: str, load_device: str | None, convert, origin,
+                    device: str, load_device: str | None, convert, overwrite: bool, origin,
                     allow_random: bool = False) -> ValidationReport:
-    from .load import load_checkpoint
-    from .reader import open_checkpoint
-
     with open_checkpoint(local) as ckpt:  # a bad file is reported before the model is built
         target = make_target()
         listing = _listing(given, ckpt)
@@ -291,13 +260,11 @@ def _validate_local(local, given: str, make_target: Callable[[], Target], option
     if convert is not None and not keys.ok and not force:
         report.stopped = "the key check failed: not converted (pass --force to convert anyway)"
     elif convert is not None:
-        from .convert import convert_to_safetensors
-
-        report.conversion = convert_to_safetensors(local, convert, rules=options["remap"], force=True)
+        report.conversion = convert_to_safetensors(local, convert, rules=options["remap"], force=overwrite)
         load_from = convert
     if load:
         try:
-            report.keys = load_checkpoint(target.model, load_from, **options, force=force, preset=target.preset,
+            report.keys = load_checkpoint(load_from, target.model, **options, force=force, preset=target.preset,
                                           device=load_device, provenance=origin)
         except LoadRefusedError as exc:
             exc.report.target = target.label
@@ -308,8 +275,6 @@ def _validate_local(local, given: str, make_target: Callable[[], Target], option
     return report
 
 
-def _provenance(target: Target, *, expect_complete: bool):
-    from .provenance import provenance_report
-
+def _provenance(target: Target, *, expect_complete: bool) -> ProvenanceReport:
     split = tuple((target.preset.info or {}).get("provenance_split", ())) if target.preset else ()
     return provenance_report(target.model, split=split, expect_complete=expect_complete)

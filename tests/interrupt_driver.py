@@ -51,7 +51,7 @@ def run(plan: dict) -> list[dict]:
 
     import ckpt_tools.cli  # noqa: F401 - imported once, before forking
     import ckpt_tools.convert  # noqa: F401
-    import ckpt_tools.reader  # noqa: F401
+    import ckpt_tools.formats  # noqa: F401
 
     results = []
     with tempfile.TemporaryDirectory() as scratch:

@@ -14,17 +14,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ckpt_tools.convert import (
-    Planned,
-    convert_to_safetensors,
-    parse_size,
-    plan_shards,
-    remap_checkpoint,
-)
+from ckpt_tools.convert import convert_to_safetensors
+from ckpt_tools.convert_plan import Planned, parse_size, plan_shards
 from ckpt_tools.errors import IntegrityError, OutputExistsError, RemapError, UsageError
+from ckpt_tools.formats import open_checkpoint
 from ckpt_tools.meta import TensorMeta
-from ckpt_tools.reader import open_checkpoint
 from ckpt_tools.remap import Rule, rules_from_cli, rules_from_dicts
+from ckpt_tools.remap_file import remap_checkpoint
 
 
 def sample_state() -> dict[str, torch.Tensor]:
@@ -467,7 +463,7 @@ def test_openflamingo_3b_layout_plans_on_meta(tmp_path):
     """The real 3B key layout plans in milliseconds without any tensor bytes."""
     from pathlib import Path
 
-    from ckpt_tools.convert import plan_tensors, resolve_aliases
+    from ckpt_tools.convert_plan import plan_tensors, resolve_aliases
     from ckpt_tools.remap import apply_remap
 
     keys_file = Path(__file__).parents[1] / "scripts" / "bench" / "data" / "openflamingo-released-keys.json"

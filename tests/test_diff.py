@@ -8,10 +8,10 @@ import pytest
 import torch
 from diffload_models import build_tiny, metas, trained_state
 
+from ckpt_tools.checkpoint import Checkpoint
 from ckpt_tools.diff import COUNT_NAMES, diff_keys, group_problems
 from ckpt_tools.meta import TensorMeta
 from ckpt_tools.presets import ModelPreset
-from ckpt_tools.reader import Checkpoint
 from ckpt_tools.remap import rules_from_cli
 
 
@@ -311,7 +311,7 @@ def test_bad_target_is_a_usage_error(bad):
 
 
 def test_preset_skeleton_listing_is_cached_by_fingerprint(tmp_path, monkeypatch):
-    from ckpt_tools.diff import preset_side
+    from ckpt_tools.targets import preset_side
 
     monkeypatch.setenv("CKPT_CACHE", str(tmp_path))
     builds = []

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_tools.diff import diff_keys, preset_side
+from ckpt_tools.diff import diff_keys
 from ckpt_tools.meta import TensorMeta
+from ckpt_tools.targets import preset_side
 
 # a copy of ../shared/reference/openflamingo-released-keys.json kept in the repository
 REFERENCE = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "data" / "openflamingo-released-keys.json"

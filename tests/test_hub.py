@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from ckpt_tools.errors import HubError, IntegrityError, UsageError
-from ckpt_tools.hub import DownloadResult, RetryPolicy, download
+from ckpt_tools.http import RetryPolicy
+from ckpt_tools.hub import DownloadResult, download
 from ckpt_tools.server import Fault, HubServer, publish
 
 FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, timeout=10)
@@ -328,3 +329,28 @@ def test_complete_partial_is_verified_and_placed_without_a_get(hub, cache):
 def test_cache_dir_and_local_dir_together_is_a_usage_error(run_cli, tmp_path):
     result = run_cli("download", REPO, "--cache-dir", tmp_path / "a", "--local-dir", tmp_path / "b")
     assert result.exit_code == 2 and "not both" in result.stderr
+
+
+def test_dry_run_pins_and_plans_without_writing(hub, commit, cache, run_cli):
+    result = run_cli("download", REPO, "config.json", "weights/model.bin", "--endpoint", hub.endpoint,
+                     "--cache-dir", cache, "--dry-run", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert (plan["commit"], plan["bytes_to_fetch"]) == (commit, len(CONFIG) + len(BIG))
+    assert [(f["path"], f["action"], f["size"]) for f in plan["files"]] == [
+        ("config.json", "fetch", len(CONFIG)), ("weights/model.bin", "fetch", len(BIG))]
+    assert not cache.exists()
+    assert gets(hub, "") == []
+
+
+def test_dry_run_shows_what_is_cached_and_what_resumes(hub, commit, cache):
+    from ckpt_tools.hub import plan_download
+
+    fetch(hub, cache, files=("config.json",))
+    partial = cache / "models--org--model" / "blobs" / f"{BIG_SHA}.incomplete"
+    partial.write_bytes(BIG[:1000])
+    plan = plan_download(REPO, ["config.json", "weights/model.bin"], endpoint=hub.endpoint, cache_dir=cache,
+                         retry=FAST)
+    assert [(f.path, f.action, f.to_fetch) for f in plan.files] == [
+        ("config.json", "cached", 0), ("weights/model.bin", "resume", len(BIG) - 1000)]
+    assert plan.bytes_to_fetch == len(BIG) - 1000

@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import save_file
 
 from ckpt_tools.errors import UsageError
-from ckpt_tools.formats.remote import HfReference, RangeFile, open_range_file, open_remote, parse_hf_reference
-from ckpt_tools.hub import RetryPolicy
+from ckpt_tools.formats import open_checkpoint
+from ckpt_tools.http import RangeFile, RetryPolicy
 from ckpt_tools.server import Fault, HubServer, publish
+from ckpt_tools.sources import HfReference, open_remote_file, parse_hf_reference
 
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05, timeout=10)
 SHAPES = {f"blocks.{i}.weight": (512, 512) for i in range(12)} | {"embed.weight": (64, 32)}
@@ -50,7 +51,7 @@ def test_parse_hf_reference_rejects(ref):
 def test_open_remote_reads_under_one_percent(served, filename):
     server, commit, folder = served
     size = (folder / filename).stat().st_size
-    with open_remote(f"hf://org/big@v1/{filename}", endpoint=server.endpoint, retry=FAST) as ckpt:
+    with open_checkpoint(f"hf://org/big@v1/{filename}", endpoint=server.endpoint, retry=FAST) as ckpt:
         assert {k: tuple(ckpt.meta(k).shape) for k in ckpt.keys()} == SHAPES
         assert {ckpt.meta(k).dtype for k in ckpt.keys()} == {"F32"}
         assert 0 < ckpt.bytes_read < size / 100
@@ -60,7 +61,7 @@ def test_open_remote_reads_under_one_percent(served, filename):
 def test_range_file_reads_exact_bytes_and_counts_them(served):
     server, _, folder = served
     data = (folder / "model.safetensors").read_bytes()
-    fileobj, _ = open_range_file("hf://org/big/model.safetensors", endpoint=server.endpoint, retry=FAST,
+    fileobj, _ = open_remote_file(parse_hf_reference("hf://org/big/model.safetensors"), endpoint=server.endpoint, retry=FAST,
                                  block_size=4096)
     assert isinstance(fileobj, RangeFile) and fileobj.seekable()
     assert fileobj.seek(-100, 2) == len(data) - 100 and fileobj.read() == data[-100:]
@@ -76,7 +77,7 @@ def test_range_file_reads_exact_bytes_and_counts_them(served):
 def test_range_file_survives_faults(served):
     server, _, folder = served
     data = (folder / "model.safetensors").read_bytes()
-    fileobj, _ = open_range_file("hf://org/big/model.safetensors", endpoint=server.endpoint, retry=FAST)
+    fileobj, _ = open_remote_file(parse_hf_reference("hf://org/big/model.safetensors"), endpoint=server.endpoint, retry=FAST)
     server.faults.extend([Fault("status", status=503, path="model.safetensors"),
                           Fault("ignore_range", path="model.safetensors")])
     try:
@@ -107,7 +108,7 @@ def test_open_remote_sharded_index(served):
                                                             "b.weight": "model-00002-of-00002.safetensors"}}
     files["sharded/model.safetensors.index.json"] = json.dumps(index).encode()
     publish(folder / "served", "org/sharded", files)
-    with open_remote("hf://org/sharded/sharded/model.safetensors.index.json", endpoint=server.endpoint,
+    with open_checkpoint("hf://org/sharded/sharded/model.safetensors.index.json", endpoint=server.endpoint,
                      retry=FAST) as ckpt:
         assert ckpt.format == "sharded-safetensors"
         assert {k: (tuple(ckpt.meta(k).shape), ckpt.meta(k).dtype) for k in ckpt.keys()} == {

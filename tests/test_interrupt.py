@@ -225,7 +225,7 @@ def test_force_replaces_a_sharded_folder_whole_and_keeps_other_files(tmp_path, s
 
 
 def test_replacing_a_folder_where_names_cannot_be_exchanged(tmp_path, source, monkeypatch):
-    import ckpt_tools.safetensors_writer as writer
+    import ckpt_tools.fs as fs
     from ckpt_tools.convert import convert_to_safetensors
 
     src, state = source
@@ -233,7 +233,7 @@ def test_replacing_a_folder_where_names_cannot_be_exchanged(tmp_path, source, mo
     convert_to_safetensors(src, dst, max_shard_size="3MB")
     (dst / "notes" / "deep").mkdir(parents=True)
     (dst / "notes" / "deep" / "a.txt").write_text("kept")
-    monkeypatch.setattr(writer, "_exchange", lambda a, b: False)  # e.g. not Linux: old folder moved aside
+    monkeypatch.setattr(fs, "_exchange", lambda a, b: False)  # e.g. not Linux: old folder moved aside
     convert_to_safetensors(src, dst, max_shard_size="1500KB", force=True)
     assert (dst / "notes" / "deep" / "a.txt").read_text() == "kept"
     assert len(list(dst.glob("model-*-of-00004.safetensors"))) == 4 and not list(dst.glob("*-of-00002.*"))

@@ -8,9 +8,9 @@ from diffload_models import build_tiny, trained_state
 from safetensors.torch import save_file
 
 from ckpt_tools.errors import LoadRefusedError
+from ckpt_tools.formats import open_checkpoint
 from ckpt_tools.load import load_checkpoint
 from ckpt_tools.presets import ModelPreset
-from ckpt_tools.reader import open_checkpoint
 
 
 def save(tmp_path, state, fmt="safetensors"):
@@ -36,7 +36,7 @@ def test_load_copies_every_trained_tensor_and_verifies(tmp_path, fmt):
     state = trained_state(source)
     model = build_tiny(seed=2)
     frozen_before = model.vision.weight.clone()
-    report = load_checkpoint(model, save(tmp_path, state, fmt))
+    report = load_checkpoint(save(tmp_path, state, fmt), model)
     assert report.verdict == "ok"
     assert report.load["loaded"] == 13
     assert report.load["verified"] is True
@@ -52,7 +52,7 @@ def test_dtype_mismatch_is_cast_on_the_way_in(tmp_path):
     state = trained_state(build_tiny(seed=1))
     state = {k: v.to(torch.bfloat16) for k, v in state.items()}
     model = build_tiny(seed=2)
-    report = load_checkpoint(model, save(tmp_path, state))
+    report = load_checkpoint(save(tmp_path, state), model)
     assert report.counts["dtype_mismatch"] == 13
     assert report.load["cast"] == 13 and report.load["verified"] is True
     assert model.embed.weight.dtype == torch.float32
@@ -66,11 +66,11 @@ def test_failing_verdict_refuses_and_force_loads_what_fits(tmp_path):
     embed_before = model.embed.weight.clone()
     gate_before = model.blocks[0].x.gate.clone()
     with pytest.raises(LoadRefusedError) as info:
-        load_checkpoint(model, path)
+        load_checkpoint(path, model)
     assert info.value.report.counts["shape_mismatch"] == 1
     assert "1 shape mismatch" in str(info.value) and "force=True" in str(info.value)
     assert torch.equal(model.blocks[0].x.gate, gate_before)  # nothing was touched
-    report = load_checkpoint(model, path, force=True)
+    report = load_checkpoint(path, model, force=True)
     assert report.verdict == "fail"
     assert report.load["forced"] is True
     assert report.load["skipped"] == ["embed.weight"]
@@ -82,7 +82,7 @@ def test_failing_verdict_refuses_and_force_loads_what_fits(tmp_path):
 def test_meta_model_gets_real_tensors_and_keeps_ties(tmp_path):
     state = trained_state(build_tiny(seed=1))
     model = build_tiny(device="meta")
-    report = load_checkpoint(model, save(tmp_path, state, "pt"))
+    report = load_checkpoint(save(tmp_path, state, "pt"), model)
     assert report.load["verified"] is True
     assert model.embed.weight.device.type == "cpu"
     assert model.head.weight is model.embed.weight
@@ -97,7 +97,7 @@ def test_verification_catches_a_tensor_overwritten_by_another_key(tmp_path):
     state = trained_state(build_tiny(seed=1))
     state["head.weight"] = state["embed.weight"] + 1  # untied in the file, tied in the model
     model = build_tiny(seed=2)
-    report = load_checkpoint(model, save(tmp_path, state))
+    report = load_checkpoint(save(tmp_path, state), model)
     assert report.load["verified"] is False
     assert report.load["mismatched"] == ["embed.weight"]
     assert report.verdict == "fail"
@@ -112,10 +112,10 @@ def test_preset_post_load_checks_run(tmp_path):
         return ["every gate is still exactly 0"] if all(float(g.detach().abs().max()) == 0 for g in gates) else []
 
     preset = ModelPreset(name="tiny-test", build=build_tiny, post_load_checks=gates_open)
-    good = load_checkpoint(build_tiny(), save(tmp_path, trained_state(build_tiny(seed=1))), preset=preset)
+    good = load_checkpoint(save(tmp_path, trained_state(build_tiny(seed=1))), build_tiny(), preset=preset)
     assert good.load["checks"] == [] and good.load["verified"] is True
     closed = trained_state(build_tiny(seed=1), gate=0.0)
-    bad = load_checkpoint(build_tiny(), save(tmp_path, closed), preset=preset)
+    bad = load_checkpoint(save(tmp_path, closed), build_tiny(), preset=preset)
     assert bad.load["checks"] == ["every gate is still exactly 0"]
     assert bad.load["verified"] is False
     assert bad.verdict == "fail"
@@ -132,7 +132,7 @@ def test_reads_each_tensor_through_the_lazy_reader(tmp_path, monkeypatch):
         return original(self, key)
 
     monkeypatch.setattr(type(ckpt), "_load_tensor", spy)
-    report = load_checkpoint(build_tiny(), ckpt, remap=[{"drop": "head.*"}])
+    report = load_checkpoint(ckpt, build_tiny(), remap=[{"drop": "head.*"}])
     assert report.load["loaded"] == 13
     assert sorted(reads) == sorted([k for k in state if k != "head.weight"] * 2)  # load + verify
     assert ckpt.tensor("blocks.0.x.gate") is not None  # a Checkpoint passed in stays open

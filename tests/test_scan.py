@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from ckpt_tools.errors import CheckpointNotFoundError, InvalidCheckpointError
-from ckpt_tools.scan import scan_pickle, unsafe_globals, unsafe_pickle_error
+from ckpt_tools.pickle_safety import unsafe_pickle_error
+from ckpt_tools.scan import scan_pickle, unsafe_globals
 
 
 class Reduce:

@@ -64,7 +64,7 @@ def test_commands_refuse_unsafe_pickles(tmp_path, run_cli, command, kind):
 @pytest.mark.parametrize("kind", ["zip", "legacy"])
 def test_open_checkpoint_raises_unsafe_pickle_error(tmp_path, kind):
     from ckpt_tools.errors import UnsafePickleError
-    from ckpt_tools.reader import open_checkpoint
+    from ckpt_tools.formats import open_checkpoint
 
     src, target = _payload_file(tmp_path, kind)
     with pytest.raises(UnsafePickleError) as info:
@@ -80,5 +80,5 @@ def test_load_checkpoint_refuses(tmp_path, kind):
 
     src, target = _payload_file(tmp_path, kind)
     with pytest.raises(UnsafePickleError):
-        load.load_checkpoint(torch.nn.Linear(3, 2), src)
+        load.load_checkpoint(src, torch.nn.Linear(3, 2))
     assert not target.exists()

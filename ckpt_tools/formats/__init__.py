@@ -1,9 +1,11 @@
-"""The registry of checkpoint formats.
+"""The registry of checkpoint readers, and ``open_checkpoint``: resolve the SOURCE, then look up
+its format here.
 
-Each format says how to recognise it from the first bytes of a file and how to open a path and,
-where it can be read lazily from a seekable stream (remote reading), a file object. Files are
-recognised by content, not by name: a ``.bin`` may be a zip pickle, a legacy pickle or safetensors.
-Folders are resolved to their index or single checkpoint file by ``FOLDER_CANDIDATES``.
+``sources.resolve`` decides what a SOURCE is (a file and its format from its magic, an index, a
+remote file at a commit); this module only maps a format to the reader that opens it, from a local
+path or, where the format can be read lazily from a seekable stream (a remote file read by
+ranges), from a file object. A sharded index gets the same ``open_source`` as its way to open each
+shard, so the sharded reader never imports this package back.
 """
 
 from __future__ import annotations
@@ -13,98 +15,96 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import CheckpointNotFoundError, InvalidCheckpointError, UnsupportedFormatError
-from ..reader import Checkpoint
+from ..checkpoint import Checkpoint
+from ..errors import InvalidCheckpointError, UnsupportedFormatError
+from ..http import RetryPolicy
+from ..sources import Source, resolve
 from . import safetensors as st
-from . import sharded
 from . import torch_pickle as tp
-
-SNIFF_BYTES = 32
+from .sharded import ShardedCheckpoint
 
 
 @dataclass(frozen=True)
 class Format:
-    name: str
-    sniff: Callable[[bytes], bool]
     open_path: Callable[[Path, str], Checkpoint]
     open_fileobj: Callable[[BinaryIO, str, int], Checkpoint] | None = None
 
 
-FORMATS: list[Format] = [
-    Format("safetensors", st.sniff, st.open_path, st.open_fileobj),
-    Format("torch-zip", tp.sniff_zip, tp.open_zip_path, tp.open_zip_fileobj),
-    Format("torch-legacy", tp.sniff_legacy, tp.open_legacy_path),
-]
-
-# Looked for, in order, when SOURCE is a folder: an index first, then a lone checkpoint file.
-FOLDER_CANDIDATES: tuple[str, ...] = (
-    "model.safetensors.index.json", "*.safetensors.index.json", "pytorch_model.bin.index.json", "*.bin.index.json",
-    "model.safetensors", "*.safetensors", "pytorch_model.bin", "*.bin", "*.pt", "*.pth", "*.ckpt",
-)
+# magic.detect's name -> its reader
+FORMATS: dict[str, Format] = {
+    "safetensors": Format(st.open_path, st.open_fileobj),
+    "zip": Format(tp.open_zip_path, tp.open_zip_fileobj),
+    "torch-legacy": Format(tp.open_legacy_path),
+}
 
 
-def _sniff_fail(path: Path, head: bytes) -> Exception:
-    if not head:
-        return InvalidCheckpointError("the file is empty", path=str(path),
+def open_checkpoint(source: str | Path | BinaryIO | Source, *, revision: str | None = None,
+                    endpoint: str | None = None, token: str | bool | None = None,
+                    retry: RetryPolicy | None = None, block_size: int | None = None) -> Checkpoint:
+    """Open a local file, folder, index or ``hf://ORG/NAME[@REV]/PATH`` reference lazily.
+
+    ``revision``, ``endpoint``, ``token``, ``retry`` and ``block_size`` apply to hub sources. A
+    remote checkpoint's ``commit`` is the commit it was read at and ``bytes_read`` what was fetched.
+    """
+    resolved = source if isinstance(source, Source) else resolve(
+        source, revision=revision, endpoint=endpoint, token=token, retry=retry, block_size=block_size)
+    return open_source(resolved)
+
+
+def open_source(resolved: Source) -> Checkpoint:
+    """The reader for a resolved SOURCE."""
+    if resolved.format == "index":
+        checkpoint = ShardedCheckpoint(resolved.given, resolved.index, lambda name: open_source(resolved.shard(name)))
+    else:
+        checkpoint = _open_file(resolved)
+    checkpoint.notes[:0] = resolved.notes
+    checkpoint.files = resolved.local_files()
+    if resolved.ref is not None:
+        _remote_bookkeeping(checkpoint, resolved)
+    return checkpoint
+
+
+def _open_file(resolved: Source) -> Checkpoint:
+    reader = FORMATS.get(resolved.format)
+    if reader is None:
+        if resolved.format == "unknown" and resolved.path is not None and resolved.path.suffix == ".safetensors" \
+                and 0 < resolved.size < 9:
+            return st.open_path(resolved.path, resolved.given)  # the parser says exactly how it is truncated
+        resolved.close()
+        raise _unrecognised(resolved)
+    if resolved.path is not None:
+        return reader.open_path(resolved.path, resolved.given)
+    if reader.open_fileobj is None:
+        resolved.close()
+        raise UnsupportedFormatError(f"{resolved.format} files cannot be read remotely", path=resolved.given,
+                                     fix="download the file first (ckpt download)")
+    return reader.open_fileobj(resolved.fileobj, resolved.given, resolved.size)
+
+
+def _remote_bookkeeping(checkpoint: Checkpoint, resolved: Source) -> None:
+    checkpoint.commit = resolved.commit
+    if resolved.fileobj is not None:
+        fetched, total, requests = resolved.bytes_fetched(), resolved.fileobj.size, resolved.fileobj.requests
+        checkpoint.bytes_read = fetched
+        checkpoint.notes.append(f"read remotely at commit {resolved.commit}: {fetched} of {total} bytes "
+                                f"fetched in {requests} range requests")
+    else:  # an index: what its shards fetched
+        checkpoint.bytes_read = sum(part.bytes_read or 0 for part in checkpoint.shards.values())
+
+
+def _unrecognised(resolved: Source) -> Exception:
+    head, where = resolved.head, resolved.given
+    if not resolved.size:
+        return InvalidCheckpointError("the file is empty", path=where,
                                       fix="the download or save was interrupted: fetch or save it again")
-    if head[:1] == b"\x80":
-        return UnsupportedFormatError("a plain pickle, not a torch checkpoint", path=str(path),
+    if resolved.format == "pickle":
+        return UnsupportedFormatError("a plain pickle, not a torch checkpoint", path=where,
                                       fix="run `ckpt scan` on it; re-save the tensors with torch.save or safetensors")
-    if head[:4] == b"PK\x05\x06" or head[:2] == b"PK":
-        return InvalidCheckpointError("a truncated or corrupt zip archive", path=str(path),
+    if resolved.format == "numpy":
+        return UnsupportedFormatError("a NumPy array file, not a checkpoint", path=where,
+                                      fix="load it with numpy.load and save the tensors with safetensors")
+    if head[:2] == b"PK":
+        return InvalidCheckpointError("a truncated or corrupt zip archive", path=where,
                                       fix="the file is damaged: download or save it again")
     return UnsupportedFormatError("not a checkpoint this tool recognises (safetensors, torch zip or legacy pickle, "
-                                  "or a *.index.json)", path=str(path), fix="check the path")
-
-
-def open_local(path: Path, **options) -> Checkpoint:
-    if path.is_dir():
-        return open_local(_pick_from_folder(path), **options)
-    if sharded.sniff(path):
-        return sharded.open_index_path(path, str(path))
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(SNIFF_BYTES)
-    except OSError as exc:
-        raise CheckpointNotFoundError(f"cannot read ({exc.strerror})", path=str(path),
-                                      fix="check the path and its permissions") from None
-    for fmt in FORMATS:
-        if fmt.sniff(head):
-            return fmt.open_path(path, str(path))
-    if 0 < len(head) < 9 and path.suffix == ".safetensors":
-        return st.open_path(path, str(path))  # lets the parser say exactly how it is truncated
-    raise _sniff_fail(path, head)
-
-
-def _pick_from_folder(folder: Path) -> Path:
-    for pattern in FOLDER_CANDIDATES:
-        found = sorted(p for p in folder.glob(pattern) if p.is_file())
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
-            names = ", ".join(p.name for p in found[:5])
-            raise UnsupportedFormatError(f"the folder holds several checkpoints ({names}) and no index",
-                                         path=str(folder), fix="pass one file, or add a *.index.json")
-    raise CheckpointNotFoundError("the folder holds no checkpoint (no *.index.json, .safetensors, .bin or .pt)",
-                                  path=str(folder), fix="pass a checkpoint file, or the folder that holds one")
-
-
-def open_fileobj(fileobj: BinaryIO, name: str, source: str) -> Checkpoint:
-    """Open a seekable binary stream (e.g. a remote file read by ranges), sniffing its format."""
-    size = fileobj.seek(0, 2)
-    fileobj.seek(0)
-    head = fileobj.read(SNIFF_BYTES)
-    fileobj.seek(0)
-    for fmt in FORMATS:
-        if fmt.sniff(head):
-            if fmt.open_fileobj is None:
-                raise UnsupportedFormatError(f"{fmt.name} files cannot be read remotely", path=source,
-                                             fix="download the file first (ckpt download)")
-            return fmt.open_fileobj(fileobj, source, size)
-    raise _sniff_fail(Path(name), head)
-
-
-def open_remote_reference(ref: str, **options) -> Checkpoint:
-    from .remote import open_remote
-
-    return open_remote(ref, **options)
+                                  "or a *.index.json)", path=where, fix="check the path")

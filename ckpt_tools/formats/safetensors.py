@@ -13,20 +13,12 @@ import struct
 from pathlib import Path
 from typing import BinaryIO
 
+from ..checkpoint import Checkpoint
 from ..errors import InvalidCheckpointError
-from ..meta import DTYPES, TensorMeta
-from ..reader import Checkpoint
+from ..magic import SAFETENSORS_MAX_HEADER
+from ..meta import DTYPES, TensorMeta, torch_dtype
 
-MAGIC_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 _FIX = "the file is damaged or not safetensors: download or convert it again"
-
-
-def sniff(head: bytes) -> bool:
-    """8-byte length then a JSON object: ``{`` is the first header byte."""
-    if len(head) < 9:
-        return False
-    (n,) = struct.unpack("<Q", head[:8])
-    return 2 <= n <= MAGIC_MAX_HEADER and head[8:9] == b"{"
 
 
 def _bad(path: str, message: str, key: str | None = None) -> InvalidCheckpointError:
@@ -51,8 +43,8 @@ def parse_header(raw_len: bytes, read_header, file_size: int, path: str
     if len(raw_len) < 8:
         raise _bad(path, f"truncated: {file_size} bytes is too short for a safetensors header")
     (n,) = struct.unpack("<Q", raw_len)
-    if n > MAGIC_MAX_HEADER:
-        raise _bad(path, f"header length {n} is absurdly large (limit {MAGIC_MAX_HEADER})")
+    if n > SAFETENSORS_MAX_HEADER:
+        raise _bad(path, f"header length {n} is absurdly large (limit {SAFETENSORS_MAX_HEADER})")
     if 8 + n > file_size:
         raise _bad(path, f"header length {n} runs past the end of the {file_size}-byte file (truncated?)")
     raw = read_header(n)
@@ -141,8 +133,6 @@ class SafetensorsCheckpoint(Checkpoint):
                 self._safe = safe_open(str(self._path), framework="pt")
             return self._safe.get_tensor(key)
         import torch
-
-        from ..meta import torch_dtype
 
         begin, end = self._offsets[key]
         self._file.seek(self._data_start + begin)

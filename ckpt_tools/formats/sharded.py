@@ -1,63 +1,18 @@
 """Sharded checkpoints: ``*.safetensors.index.json`` / ``pytorch_model.bin.index.json``.
 
-The index maps each key to a shard file in the same folder. Shard names are validated (no ``..``,
-no absolute paths, every shard present) before anything is opened; shards are opened lazily and
+The index maps each key to a shard file in the same folder; ``sources`` has validated every shard
+name (no ``..``, no absolute paths, every local shard present) before this opens anything. Each
+shard is opened by the ``open_shard`` callable the registry passes (local or remote alike) and
 kept open, so listing a 30-shard safetensors checkpoint reads 30 headers and nothing else.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
 
-from ..errors import CheckpointNotFoundError, InvalidCheckpointError
-from ..reader import Checkpoint
-
-INDEX_SUFFIX = ".index.json"
-
-
-def sniff(path: Path) -> bool:
-    return path.name.endswith(INDEX_SUFFIX)
-
-
-def parse_index(raw: bytes, source: str) -> dict:
-    """The index JSON, checked to hold a ``weight_map`` object."""
-    try:
-        index = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InvalidCheckpointError(f"index is not valid JSON ({exc})", path=source,
-                                     fix="regenerate the index") from None
-    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-        raise InvalidCheckpointError("index has no 'weight_map' object", path=source,
-                                     fix="an index needs {\"weight_map\": {key: shard file}}")
-    return index
-
-
-def shard_names(index: dict) -> list[str]:
-    return list(dict.fromkeys(index["weight_map"].values()))
-
-
-def check_shard_name(shard: object, source: str) -> PurePosixPath:
-    """A shard name as a relative path that stays inside the index's folder."""
-    if not isinstance(shard, str) or not shard:
-        raise InvalidCheckpointError(f"weight_map names a shard {shard!r} that is not a file name", path=source,
-                                     fix="each weight_map value must be a shard file name")
-    pure = PurePosixPath(shard)
-    if pure.is_absolute() or ".." in pure.parts or "\\" in shard:
-        raise InvalidCheckpointError(f"shard name {shard!r} escapes the checkpoint folder", path=source,
-                                     fix="shard names must be plain relative names inside the index's folder")
-    return pure
-
-
-def local_shards(index_path: Path, index: dict, source: str) -> dict[str, Path]:
-    """{shard name: path} for a local index, every name validated and every shard present."""
-    paths = {shard: index_path.parent / check_shard_name(shard, source) for shard in shard_names(index)}
-    for shard, path in paths.items():
-        if not path.is_file():
-            raise CheckpointNotFoundError(f"index names shard '{shard}', which is missing", path=source,
-                                          fix=f"download or copy {shard} next to the index")
-    return paths
+from ..checkpoint import Checkpoint
+from ..errors import InvalidCheckpointError
+from ..sources import shard_names
 
 
 class ShardedCheckpoint(Checkpoint):
@@ -71,7 +26,6 @@ class ShardedCheckpoint(Checkpoint):
         self.shards: dict[str, Checkpoint] = {}
         try:
             for shard in shard_names(index):
-                check_shard_name(shard, source)
                 self.shards[shard] = open_shard(shard)
         except BaseException:
             self.close()
@@ -104,11 +58,3 @@ class ShardedCheckpoint(Checkpoint):
     def close(self) -> None:
         for part in getattr(self, "shards", {}).values():
             part.close()
-
-
-def open_index_path(index_path: Path, source: str) -> ShardedCheckpoint:
-    from . import open_local
-
-    index = parse_index(index_path.read_bytes(), source)
-    paths = local_shards(index_path, index, source)
-    return ShardedCheckpoint(source, index, lambda shard: open_local(paths[shard]))

@@ -14,29 +14,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import InvalidCheckpointError
+from ..checkpoint import Checkpoint
+from ..errors import InvalidCheckpointError, UsageError
 from ..meta import TensorMeta
-from ..reader import Checkpoint
+from ..pickle_safety import check_zip_records, unsafe_pickle_error
+from .torch_zip import try_open
 from .wrappers import extra_values, unwrap
-
-ZIP_MAGIC = b"PK\x03\x04"
-# torch's legacy format begins with the pickled magic number 0x1950a86a20f9469cfc6c
-LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
-
-
-def sniff_zip(head: bytes) -> bool:
-    return head.startswith(ZIP_MAGIC)
-
-
-def sniff_legacy(head: bytes) -> bool:
-    return head.startswith(LEGACY_MAGIC)
 
 
 def _refused(source: str, exc: Exception, fileobj_or_path) -> Exception:
     """torch refuses hostile and merely damaged pickles alike; the scan tells which (and names
     every offending global, where torch names only the first)."""
-    from ..scan import unsafe_pickle_error
-
     if hasattr(fileobj_or_path, "seek"):
         fileobj_or_path.seek(0)
     return unsafe_pickle_error(fileobj_or_path, source, exc)
@@ -62,9 +50,9 @@ def _torch_load(source: str, target, **kwargs):
 class TorchCheckpoint(Checkpoint):
     """A torch pickle loaded lazily (mmap or meta); tensors stay where torch.load put them."""
 
-    def __init__(self, source: str, obj, fmt: str) -> None:
+    def __init__(self, source: str, obj, format_name: str) -> None:
         super().__init__(source)
-        self.format = fmt
+        self.format = format_name
         state, self.wrapper, self.extras = unwrap(obj, source)
         self._state = state
         self._root = obj  # the extras' values (convert --extras); costs nothing, torch.load made it
@@ -74,8 +62,6 @@ class TorchCheckpoint(Checkpoint):
     def _load_tensor(self, key: str):
         tensor = self._state[key]
         if tensor.device.type == "meta":
-            from ..errors import UsageError
-
             raise UsageError("tensor bytes are not available from a remote listing", path=self.source,
                              key=key, fix="download the file first (ckpt download) and open the local copy")
         return tensor
@@ -107,12 +93,9 @@ def _alias_groups(state: Mapping) -> list[list[str]]:
 def open_zip_path(path: Path, source: str) -> Checkpoint:
     """A plain state dict is listed without torch (see torch_zip.py); anything else, or a file
     that reader cannot vouch for, goes through torch.load(weights_only=True, mmap=True)."""
-    from ..scan import check_zip_records
-    from .torch_zip import try_open
-
     check_zip_records(path, source)  # torch would inflate a compressed record fully in memory
     with path.open("rb") as handle:
-        shallow = try_open(handle, source, path)
+        shallow = try_open(handle, source, path, load_zip_path)
     return shallow or load_zip_path(path, source)
 
 
@@ -121,11 +104,8 @@ def load_zip_path(path: Path, source: str) -> TorchCheckpoint:
 
 
 def open_zip_fileobj(fileobj: BinaryIO, source: str, size: int) -> Checkpoint:
-    from ..scan import check_zip_records
-    from .torch_zip import try_open
-
     check_zip_records(fileobj, source)
-    shallow = try_open(fileobj, source, None)
+    shallow = try_open(fileobj, source, None, load_zip_path)
     return shallow or TorchCheckpoint(source, _torch_load(source, fileobj, map_location="meta"), "torch-zip")
 
 

@@ -21,13 +21,15 @@ import pickle
 import struct
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from ..checkpoint import Checkpoint
+from ..errors import CkptError, UsageError
 from ..meta import DTYPES, TensorMeta
-from ..reader import Checkpoint
-from .wrappers import extra_values
+from .tensor_ref import StorageRef, TensorRef
+from .wrappers import extra_values, unwrap
 
 # torch's typed storage classes, as pickled by torch.save -> safetensors dtype names
 STORAGE_DTYPES: dict[str, str] = {
@@ -41,35 +43,6 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... name length, extra le
 
 class Unsupported(Exception):
     """The file is outside what the shallow reader handles; use torch.load instead."""
-
-
-@dataclass(frozen=True)
-class StorageRef:
-    key: str
-    dtype: str
-    numel: int
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    storage: StorageRef
-    offset: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-
-    @property
-    def dtype(self) -> str:
-        return self.storage.dtype
-
-    def contiguous(self) -> bool:
-        expected, step = [], 1
-        for size in reversed(self.shape):
-            expected.append(step)
-            step *= size
-        return all(s == e for s, e, n in zip(self.stride, reversed(expected), self.shape, strict=True) if n != 1)
-
-    def identity(self) -> tuple:
-        return (self.storage.key, self.offset, self.shape, self.stride, self.dtype)
 
 
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
@@ -175,13 +148,13 @@ class TorchZipCheckpoint(Checkpoint):
 
     format = "torch-zip"
 
-    def __init__(self, source: str, obj, spans: dict[str, tuple[int, int]], path: Path | None) -> None:
-        from .wrappers import unwrap
-
+    def __init__(self, source: str, obj, spans: dict[str, tuple[int, int]], path: Path | None,
+                 load_full: Callable[[Path, str], Checkpoint]) -> None:
         super().__init__(source)
         state, self.wrapper, self.extras = unwrap(obj, source)
         self._root, self._refs, self._spans, self._path = obj, state, spans, path
         self._torch: Checkpoint | None = None
+        self._load_full = load_full  # torch.load(mmap=True) of the same file, for tensor bytes
         for name, ref in state.items():
             self._check_bounds(name, ref)
             self._metas[name] = TensorMeta.of(name, ref.shape, ref.dtype)
@@ -216,14 +189,10 @@ class TorchZipCheckpoint(Checkpoint):
 
     def _loaded(self) -> Checkpoint:
         if self._torch is None:
-            from .torch_pickle import load_zip_path
-
             if self._path is None:
-                from ..errors import UsageError
-
                 raise UsageError("tensor bytes are not available from a remote listing", path=self.source,
                                  fix="download the file first (ckpt download) and open the local copy")
-            self._torch = load_zip_path(self._path, self.source)
+            self._torch = self._load_full(self._path, self.source)
         return self._torch
 
     def extra_values(self) -> dict[str, object]:
@@ -235,13 +204,12 @@ class TorchZipCheckpoint(Checkpoint):
         self._root = self._refs = None
 
 
-def try_open(fileobj: BinaryIO, source: str, path: Path | None) -> TorchZipCheckpoint | None:
+def try_open(fileobj: BinaryIO, source: str, path: Path | None,
+             load_full: Callable[[Path, str], Checkpoint]) -> TorchZipCheckpoint | None:
     """The shallow reading, or None when the file needs torch.load to decide."""
-    from ..errors import CkptError
-
     try:
         obj, spans = read_structure(fileobj, locate=path is not None)
-        return TorchZipCheckpoint(source, obj, spans, path)
+        return TorchZipCheckpoint(source, obj, spans, path, load_full)
     except CkptError:
         return None  # let torch.load's path give its own (established) message
     except (Unsupported, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, KeyError,

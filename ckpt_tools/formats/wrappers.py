@@ -12,6 +12,7 @@ import sys
 from collections.abc import Mapping
 
 from ..errors import InvalidCheckpointError
+from .tensor_ref import TensorRef
 
 WRAPPER_KEYS: tuple[str, ...] = (
     "state_dict",        # Lightning, many research repos
@@ -30,8 +31,6 @@ MAX_DEPTH = 4
 def _is_tensor(value) -> bool:
     """A torch tensor, or a tensor reference from the torch-free zip reader. Without torch
     imported, nothing can be a torch tensor, so listing never imports it."""
-    from .torch_zip import TensorRef
-
     if isinstance(value, TensorRef):
         return True
     torch = sys.modules.get("torch")

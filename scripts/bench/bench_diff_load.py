@@ -6,7 +6,7 @@
    built, the diff itself (median of 20, target < 0.2 s).
 2. Loading the 3B layout (4.19 GB at --scale 1) into its model, for a zip ``.pt`` and a
    ``.safetensors`` source:
-   - ours: ``load_checkpoint(model, path)`` (diff first, tensors copied one at a time, verified);
+   - ours: ``load_checkpoint(path, model)`` (diff first, tensors copied one at a time, verified);
    - baseline (the README's way): ``model.load_state_dict(torch.load(path), strict=False)``.
    Targets: ours <= 0.5x the README way's wall time (torch.load of the .pt, for both sources),
    extra anonymous memory <= 10% of the file. For the .safetensors source the plain
@@ -84,7 +84,7 @@ def preset_model():
             model.get_submodule(owner)._parameters[attr] = fresh
     return model
 
-from ckpt_tools.reader import open_checkpoint
+from ckpt_tools.formats import open_checkpoint
 with open_checkpoint(path) as ck:
     metas = ck.metas()
 model = preset_model() if scale == 1.0 else tree_model(metas)
@@ -102,7 +102,7 @@ thread.start()
 start = time.perf_counter()
 if mode == "ours":
     from ckpt_tools.load import load_checkpoint
-    report = load_checkpoint(model, path)
+    report = load_checkpoint(path, model)
     info = {"verdict": report.verdict, "loaded": report.load["loaded"], "verified": report.load["verified"],
             "copy_s": report.load["copy_seconds"]}
 else:
@@ -123,8 +123,9 @@ print("RESULT " + json.dumps(info))
 
 _DIFF_CHILD = r'''
 import json, sys, time, statistics
-from ckpt_tools.diff import diff_keys, preset_side
-from ckpt_tools.reader import open_checkpoint
+from ckpt_tools.diff import diff_keys
+from ckpt_tools.targets import preset_side
+from ckpt_tools.formats import open_checkpoint
 t = time.perf_counter(); side = preset_side(sys.argv[1], cached=False); build = time.perf_counter() - t
 with open_checkpoint(sys.argv[2]) as ck:
     metas = ck.metas()

@@ -1,8 +1,9 @@
-"""open_checkpoint(source) -> a lazy Checkpoint.
+"""The Checkpoint: what every format's reader gives, a lazy view of one checkpoint.
 
 A Checkpoint lists keys, shapes, dtypes, aliases, metadata and non-tensor extras without reading
-tensor bytes; ``tensor(key)`` materialises one tensor at a time. Formats live in
-``ckpt_tools.formats`` and are tried in registry order (see ``formats/__init__.py``).
+tensor bytes; ``tensor(key)`` materialises one tensor at a time. Readers (``formats/``) subclass it;
+``formats.open_checkpoint`` picks the reader. This module imports nothing else of the project but
+errors and meta, so every layer can name the type.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import CheckpointNotFoundError
+from .errors import InvalidCheckpointError, UnsupportedFormatError
 from .meta import TensorMeta
 
 
@@ -26,6 +27,7 @@ class Checkpoint:
       extras   non-tensor entries found beside the state dict: {dotted name: type name}
       notes    things the user should know about how the file was read
       aliases  groups of names that share one tensor (same storage, offset, shape, stride)
+      files    the local files it reads (an index and its shards); empty when remote
     """
 
     format: str = "unknown"
@@ -40,6 +42,7 @@ class Checkpoint:
         self._metas: dict[str, TensorMeta] = {}
         self.bytes_read: int | None = None
         self.commit: str | None = None  # the hub commit a remote checkpoint was read at
+        self.files: list[Path] = []
 
     # -- listing (no tensor bytes) --
     def keys(self) -> list[str]:
@@ -49,8 +52,6 @@ class Checkpoint:
         try:
             return self._metas[key]
         except KeyError:
-            from .errors import InvalidCheckpointError
-
             raise InvalidCheckpointError("no such tensor in the checkpoint", path=self.source, key=key,
                                          fix="run `ckpt inspect` to list its keys") from None
 
@@ -72,8 +73,6 @@ class Checkpoint:
 
     def pickled_root(self):
         """The whole unpickled object, tensors included (torch pickles only)."""
-        from .errors import UnsupportedFormatError
-
         raise UnsupportedFormatError(f"a {self.format} checkpoint is not a pickle", path=self.source,
                                      fix="use ckpt convert for safetensors output")
 
@@ -98,17 +97,3 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.source!r} format={self.format} tensors={len(self)}>"
-
-
-def open_checkpoint(source: str | Path, **options) -> Checkpoint:
-    """Open a local file, folder, index or ``hf://ORG/NAME[@REV]/PATH`` reference lazily."""
-    from .formats import open_local, open_remote_reference
-
-    text = str(source)
-    if text.startswith("hf://"):
-        return open_remote_reference(text, **options)
-    path = Path(text)
-    if not path.exists() and not path.is_symlink():
-        raise CheckpointNotFoundError("no such file or folder", path=text,
-                                      fix="check the path, or use hf://ORG/NAME[@REVISION]/PATH for the hub")
-    return open_local(path, **options)

@@ -1,0 +1,16 @@
+"""Pinned, resumable, verified downloads into the standard Hugging Face cache.
+
+``plan_download`` pins the commit and says what would be fetched (``ckpt download --dry-run``);
+``download`` plans and then fetches (``download.py``), each file through the resumable, hashing
+transfer of ``transfer.py`` into a ``layout.py`` layout; ``lockfile.py`` records and enforces
+exactly what was fetched.
+"""
+
+from __future__ import annotations
+
+from .download import DownloadedFile, DownloadResult, download, execute
+from .lockfile import LockFile
+from .plan import DownloadPlan, PlannedFile, plan_download
+
+__all__ = ["DownloadPlan", "DownloadResult", "DownloadedFile", "LockFile", "PlannedFile", "download", "execute",
+           "plan_download"]

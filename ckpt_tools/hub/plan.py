@@ -1,0 +1,208 @@
+"""What a download will do, decided before a byte is written: ``plan_download(...) -> DownloadPlan``.
+
+Planning talks to the hub read-only: it pins the revision to one commit (a branch or tag is
+resolved once, before any file, and every file comes from that commit), lists the files when none
+are named, and reads each file's metadata (size, ETag = sha256 for LFS files, a CDN redirect). It
+then looks at the cache: a file already there (verified against the lock when one is obeyed) is
+done; a partial file left by an interrupted run is where the transfer resumes. ``ckpt download
+--dry-run`` prints this plan; ``execute`` (in ``download.py``) carries it out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import IntegrityError, UsageError
+from ..fs import COMMIT_RE, SHA256_RE, sha256_file
+from ..http import RetryPolicy, endpoint_url, head_file, host, hub_errors, request_headers, with_retries
+from ..render import human_bytes, markdown_table, rich_table
+from .layout import CacheLayout, LocalDirLayout, default_cache_dir
+from .lockfile import LockFile, read_lock
+from .transfer import Expect
+
+HEAD_WORKERS = 8
+
+
+@dataclass
+class PlannedFile:
+    """One file of the plan: what its bytes must be, where they come from, what is on disk."""
+
+    path: str
+    size: int | None
+    expect: Expect | None  # None: cached and verified against the lock, no request needed
+    url: str | None
+    cached: Path | None = None  # the complete, verified local file
+    partial_bytes: int = 0  # what a resume starts from
+
+    @property
+    def action(self) -> str:
+        if self.cached is not None:
+            return "cached"
+        return "resume" if self.partial_bytes else "fetch"
+
+    @property
+    def to_fetch(self) -> int | None:
+        if self.cached is not None:
+            return 0
+        return None if self.size is None else self.size - self.partial_bytes
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "size": self.size, "sha256": self.expect.sha256 if self.expect else None,
+                "action": self.action, "partial_bytes": self.partial_bytes, "to_fetch": self.to_fetch,
+                "local_path": str(self.cached) if self.cached else None}
+
+
+@dataclass
+class DownloadPlan:
+    repo_id: str
+    revision: str
+    commit: str
+    endpoint: str
+    layout: CacheLayout | LocalDirLayout
+    files: list[PlannedFile] = field(default_factory=list)
+    lock: LockFile | None = None  # the lock being obeyed (``locked``)
+    lock_path: str | None = None  # where to record the result (a plain ``--lock``)
+    token: str | bool | None = None
+    headers: dict = field(default_factory=dict)
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+
+    @property
+    def bytes_to_fetch(self) -> int:
+        return sum(f.to_fetch or 0 for f in self.files)
+
+    def to_dict(self) -> dict:
+        return {"repo_id": self.repo_id, "revision": self.revision, "commit": self.commit,
+                "endpoint": self.endpoint, "bytes_to_fetch": self.bytes_to_fetch,
+                "files": [f.to_dict() for f in self.files]}
+
+    _HEADERS = ["path", "size", "action", "to fetch", "sha256"]
+
+    def _rows(self) -> list[list[object]]:
+        return [[f.path, "?" if f.size is None else human_bytes(f.size), f.action,
+                 "?" if f.to_fetch is None else human_bytes(f.to_fetch),
+                 (f.expect.sha256 or "-")[:16] if f.expect else "(locked)"] for f in self.files]
+
+    def _title(self) -> str:
+        return (f"{self.repo_id} @ {self.revision} -> {self.commit}: would fetch "
+                f"{human_bytes(self.bytes_to_fetch)} ({sum(f.action != 'cached' for f in self.files)} of "
+                f"{len(self.files)} files)")
+
+    def to_markdown(self) -> str:
+        return f"**{self._title()}**\n\n" + markdown_table(self._HEADERS, self._rows())
+
+    def rich_table(self):
+        return rich_table(self._title(), self._HEADERS, self._rows(), justify_right=("size", "to fetch"))
+
+
+def plan_download(repo_id: str, filenames: Sequence[str] = (), *, revision: str = "main",
+                  cache_dir: str | Path | None = None, local_dir: str | Path | None = None,
+                  endpoint: str | None = None, token: str | bool | None = None, lock: str | Path | None = None,
+                  locked: bool = False, retry: RetryPolicy | None = None) -> DownloadPlan:
+    """The plan for ``download``; nothing is written. See the module docstring."""
+    if cache_dir is not None and local_dir is not None:
+        raise UsageError("pass --cache-dir or --local-dir, not both",
+                         fix="--local-dir writes plain files; --cache-dir the hub cache layout")
+    lockfile = read_lock(lock, locked, repo_id)
+    layout = (LocalDirLayout(Path(local_dir)) if local_dir is not None
+              else CacheLayout(Path(cache_dir) if cache_dir else default_cache_dir(), repo_id))
+    plan = DownloadPlan(repo_id, revision, "", endpoint_url(endpoint), layout, lock=lockfile,
+                        lock_path=None if locked or lock is None else str(lock), token=token,
+                        headers=request_headers(token), policy=retry or RetryPolicy())
+    requested = list(dict.fromkeys(filenames))
+    metas: dict[str, object] = {}
+    if lockfile is not None:
+        plan.revision, plan.commit = lockfile.revision, lockfile.commit
+        requested = _locked_files(lockfile, requested, lock)
+    elif COMMIT_RE.match(revision):
+        plan.commit = revision
+    elif requested:
+        metas[requested[0]] = head_file(repo_id, requested[0], revision, endpoint=plan.endpoint, token=token,
+                                        policy=plan.policy)  # its X-Repo-Commit pins the whole call
+        plan.commit = metas[requested[0]].commit_hash
+    else:
+        plan.commit = _resolve_revision(plan)
+    if not requested:
+        requested = _list_files(plan)
+    with ThreadPoolExecutor(max(1, min(HEAD_WORKERS, len(requested))), thread_name_prefix="ckpt-head") as pool:
+        plan.files = list(pool.map(lambda path: _plan_file(plan, path, metas.get(path)), requested))
+    return plan
+
+
+def _locked_files(lockfile: LockFile, requested: list[str], lock) -> list[str]:
+    recorded = [f["path"] for f in lockfile.files]
+    missing = [p for p in requested if p not in recorded]
+    if missing:
+        raise UsageError(f"{missing[0]} is not in the lock file", path=str(lock), key=missing[0],
+                         fix="download it without --locked and --lock to update the lock")
+    return requested or recorded
+
+
+def _resolve_revision(plan: DownloadPlan) -> str:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=plan.endpoint, token=plan.token)
+    with hub_errors(plan.repo_id, None, plan.revision):
+        info = with_retries(lambda: api.repo_info(plan.repo_id, revision=plan.revision),
+                            plan.policy, f"resolving {plan.repo_id}@{plan.revision}")
+    return info.sha
+
+
+def _list_files(plan: DownloadPlan) -> list[str]:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=plan.endpoint, token=plan.token)
+    with hub_errors(plan.repo_id, None, plan.commit):
+        return list(with_retries(lambda: api.list_repo_files(plan.repo_id, revision=plan.commit),
+                                 plan.policy, f"listing {plan.repo_id}@{plan.commit}"))
+
+
+def _plan_file(plan: DownloadPlan, path: str, meta=None) -> PlannedFile:
+    """A locked file already in the cache with the locked bytes needs no request; any other file
+    is looked up on the server (its metadata at the pinned commit) and then in the cache."""
+    recorded = plan.lock.entry(path) if plan.lock is not None else None
+    if recorded is not None:
+        cached = plan.layout.cached(path, plan.commit)
+        if cached is not None and cached.stat().st_size == recorded["size"] \
+                and sha256_file(cached) == recorded["sha256"]:
+            return PlannedFile(path, recorded["size"], None, None, cached=cached)
+    meta = meta or head_file(plan.repo_id, path, plan.commit, endpoint=plan.endpoint, token=plan.token,
+                             policy=plan.policy)
+    expect = _expectation(plan, path, meta, recorded)
+    planned = PlannedFile(path, expect.size, expect, _download_url(plan, path, meta))
+    if plan.layout.has(path, expect.etag, expect.size):
+        planned.cached = plan.layout.final(path, expect.etag)
+    else:
+        partial = plan.layout.partial(path, expect.etag)
+        size = partial.stat().st_size if partial.is_file() else 0
+        planned.partial_bytes = size if expect.size is None or size <= expect.size else 0
+    return planned
+
+
+def _download_url(plan: DownloadPlan, path: str, meta) -> str:
+    """The file at the pinned commit; a redirect target only when it leaves the hub (a CDN)."""
+    from huggingface_hub import hf_hub_url
+
+    url = hf_hub_url(plan.repo_id, path, revision=plan.commit, endpoint=plan.endpoint)
+    if meta.location and host(meta.location) != host(url):
+        return meta.location
+    return url
+
+
+def _expectation(plan: DownloadPlan, path: str, meta, recorded: dict | None) -> Expect:
+    etag = meta.etag
+    sha256 = etag if SHA256_RE.match(etag) else None
+    git_sha1 = etag if COMMIT_RE.match(etag) else None
+    if recorded is not None:
+        differs = (sha256 is not None and sha256 != recorded["sha256"]) or \
+                  (meta.size is not None and meta.size != recorded["size"])
+        if differs:
+            raise IntegrityError(
+                f"the server's file differs from the lock (sha256 {etag[:16]}..., {meta.size} bytes; "
+                f"locked {recorded['sha256'][:16]}..., {recorded['size']} bytes)",
+                path=f"{plan.repo_id}@{plan.commit}", key=path,
+                fix="the mirror serves other bytes for the locked commit: check it, or re-lock deliberately")
+        sha256 = recorded["sha256"]
+    return Expect(etag, meta.size, sha256, git_sha1)

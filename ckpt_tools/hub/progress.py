@@ -1,0 +1,42 @@
+"""Download progress: a rich bar on stderr, only on a terminal unless asked for."""
+
+from __future__ import annotations
+
+import sys
+
+
+class Progress:
+    """A rich progress bar on stderr (only on a terminal unless asked for)."""
+
+    def __init__(self, enabled: bool | None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._bar = None
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), TimeRemainingColumn(),
+                                 console=Console(stderr=True), transient=False)
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def add(self, name: str, total: int | None, done: int):
+        return self._bar.add_task(name, total=total, completed=done) if self._bar is not None else None
+
+    def advance(self, task, n: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(task, n)

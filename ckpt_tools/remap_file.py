@@ -1,0 +1,165 @@
+"""``remap_checkpoint``: rewrite a checkpoint's keys, keeping its format.
+
+safetensors (one file or sharded) stays safetensors, through the conversion path; a torch pickle is
+written back with ``torch.save`` with its wrapper and extras in place and shared tensors still
+shared, then reopened and compared with its source bit for bit before it is kept.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .convert import convert_to_safetensors
+from .errors import IntegrityError, UsageError
+from .formats import open_checkpoint
+from .fs import AtomicFile, check_outputs, disk_full_as_error
+from .remap import apply_remap, coerce_rules
+from .render import markdown_table, rich_table
+
+
+@dataclass
+class RemapCheckpointResult:
+    source: str
+    destination: str
+    format: str
+    files: list[str]
+    tensors: int
+    renamed: dict[str, str]
+    dropped: list[str]
+    unmatched_rules: list[dict]
+    rules: list[dict]
+    bytes_written: int
+    verified: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "destination": self.destination, "format": self.format,
+                "files": list(self.files), "tensors": self.tensors, "renamed": dict(self.renamed),
+                "dropped": list(self.dropped), "unmatched_rules": list(self.unmatched_rules),
+                "rules": list(self.rules), "bytes_written": self.bytes_written, "verified": self.verified}
+
+    def _rows(self) -> list[list[object]]:
+        rows = [[old, new] for old, new in self.renamed.items()]
+        rows += [[old, "(dropped)"] for old in self.dropped]
+        return rows
+
+    def rich_table(self):
+        from rich.console import Group
+        from rich.text import Text
+
+        head = Text(f"{self.source} -> {self.destination} ({self.format}): {self.tensors} tensors, "
+                    f"{len(self.renamed)} renamed, {len(self.dropped)} dropped"
+                    + (", verified" if self.verified else ""))
+        parts = [head, rich_table("changes", ["old", "new"], self._rows())]
+        parts += [Text(f"rule matched nothing: {json.dumps(r)}", style="yellow") for r in self.unmatched_rules]
+        return Group(*parts)
+
+    def to_markdown(self) -> str:
+        text = (f"### ckpt remap\n\n`{self.source}` -> `{self.destination}` ({self.format}): {self.tensors} tensors, "
+                f"{len(self.renamed)} renamed, {len(self.dropped)} dropped\n\n")
+        text += markdown_table(["old", "new"], self._rows())
+        for rule in self.unmatched_rules:
+            text += f"\n\n- rule matched nothing: `{json.dumps(rule)}`"
+        return text
+
+
+def remap_checkpoint(src: str | Path, dst: str | Path, *, rules=None, force: bool = False) -> RemapCheckpointResult:
+    """Rewrite keys, keeping the format: safetensors (single or sharded) stays safetensors, a torch
+    pickle is written with ``torch.save`` (wrapper and extras kept, shared tensors still shared).
+    ``rules``: remap rules in any form ``remap.coerce_rules`` takes."""
+    rules = coerce_rules(rules)
+    with open_checkpoint(src) as checkpoint:
+        kind, files = checkpoint.format, list(checkpoint.files)
+    writer = _REMAP_WRITERS.get(kind)
+    if writer is None:
+        raise UsageError(f"remap cannot write the {kind} format", path=str(src),
+                         fix="use `ckpt convert` to write safetensors")
+    return writer(src, dst, rules, force, kind, files)
+
+
+def _remap_safetensors(src, dst, rules, force, kind, files) -> RemapCheckpointResult:
+    shard_size = None
+    if kind != "safetensors":  # keep the source's shard size
+        shard_size = max(p.stat().st_size for p in files if p.suffix == ".safetensors")
+    result = convert_to_safetensors(src, dst, rules=rules, max_shard_size=shard_size, force=force)
+    return RemapCheckpointResult(
+        source=str(src), destination=str(dst), format=kind, files=result.files, tensors=result.tensors,
+        renamed=result.renamed, dropped=result.dropped, unmatched_rules=result.unmatched_rules,
+        rules=[r.to_dict() for r in rules or []], bytes_written=result.bytes_written, verified=result.verified)
+
+
+def _remap_pickle(src, dst, rules, force, kind, files) -> RemapCheckpointResult:
+    import torch
+
+    dst = Path(dst)
+    check_outputs([dst], files, force)
+    with open_checkpoint(src) as checkpoint:
+        remap = apply_remap(checkpoint.keys(), rules)
+        want = {new: (checkpoint.meta(old).shape, checkpoint.meta(old).dtype) for old, new in remap.mapping.items()}
+        root = checkpoint.pickled_root()  # wrapper and extras are written back as they were
+        state = {new: checkpoint.tensor(old) for old, new in remap.mapping.items()}
+        root = _replace_state(root, checkpoint.wrapper, state)
+        need = sum(checkpoint.meta(old).nbytes for old in remap.mapping)
+        with disk_full_as_error(dst, need), AtomicFile(dst) as handle, open(handle.path, "wb") as stream:
+            torch.save(root, stream, _use_new_zipfile_serialization=(kind == "torch-zip"))
+            stream.flush()
+            handle.commit()
+        del root, state
+    _verify_remapped(src, dst, remap.mapping, want)
+    return RemapCheckpointResult(
+        source=str(src), destination=str(dst), format=kind, files=[str(dst)], tensors=len(remap.mapping),
+        renamed=remap.renamed, dropped=remap.dropped, unmatched_rules=[r.to_dict() for r in remap.unmatched_rules],
+        rules=[r.to_dict() for r in rules or []], bytes_written=dst.stat().st_size, verified=True)
+
+
+def _verify_remapped(src, dst: Path, mapping: dict[str, str], want: dict) -> None:
+    """Reopen the written pickle: the planned names, shapes and dtypes, and every tensor equal, bit
+    for bit, to its source (one pair in memory at a time). A mismatch removes the output."""
+    import torch
+
+    with open_checkpoint(src) as source, open_checkpoint(dst) as written:
+        problem = None
+        if {n: (m.shape, m.dtype) for n, m in written.metas().items()} != want:
+            problem = ("the written file does not list the remapped tensors", None)
+        else:
+            for old, new in mapping.items():
+                a, b = source.tensor(old), written.tensor(new)
+                if not torch.equal(_raw_bytes(a), _raw_bytes(b)):
+                    problem = ("written bytes differ from the source", new)
+                    break
+    if problem is not None:
+        dst.unlink(missing_ok=True)
+        raise IntegrityError(problem[0], path=str(dst), key=problem[1], fix="check the disk; the output was removed")
+
+
+def _raw_bytes(tensor):
+    import torch
+
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _replace_state(root, wrapper: str | None, state: dict):
+    """A shallow copy of ``root`` with the state dict at ``wrapper`` replaced (extras kept in place)."""
+    if not wrapper:
+        extras = {k: v for k, v in root.items() if not _is_tensor(v)}
+        return {**state, **extras}
+    head, _, rest = wrapper.partition(".")
+    copy = dict(root)
+    copy[head] = _replace_state(root[head], rest or None, state)
+    return copy
+
+
+def _is_tensor(value) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
+_REMAP_WRITERS = {
+    "safetensors": _remap_safetensors,
+    "sharded-safetensors": _remap_safetensors,
+    "torch-zip": _remap_pickle,
+    "torch-legacy": _remap_pickle,
+}
