@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -119,8 +118,11 @@ class Browser:
 
     def open(self, path: str | Path) -> None:
         """Load a file and wait for its load event (scripts have run by then)."""
+        self.open_url(Path(path).resolve().as_uri())
+
+    def open_url(self, url: str) -> None:
         self.events.clear()
-        self.send("Page.navigate", url=Path(path).resolve().as_uri())
+        self.send("Page.navigate", url=url)
         self.wait_for("Page.loadEventFired")
 
     def evaluate(self, expression: str):
@@ -186,6 +188,3 @@ class Browser:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def environment_ok() -> bool:
-    return os.name == "posix"
