@@ -50,7 +50,7 @@ STATUSES: dict[str, Status] = {
     "stored": Status("stored", "t"),
     "alias": Status("alias", "a"),
 }
-OTHER = Status("other", "a")
+OTHER = Status("other", "a")  # the colour of any status not listed
 # Colours per scheme: each is a badge background under --on text, contrast >= 4.5:1 in both.
 PALETTE = {
     "light": {"m": "#1a7f37", "d": "#9a6700", "s": "#bc4c00", "e": "#59636e", "u": "#cf222e",
@@ -162,25 +162,23 @@ def _signature(node: Node) -> tuple:
     return tuple((t.key[start:], t.status) for t in node.walk())
 
 
+def _numbered(node: Node) -> bool:
+    return node.label.isascii() and node.label.isdigit()
+
+
 def _collapse_layers(children: list[Node]) -> list[Node]:
     """Numbered siblings with one signature become one node labelled with their numbers."""
     groups: dict[tuple, list[Node]] = {}
     for child in children:
-        if child.label.isdigit():
+        if _numbered(child):
             groups.setdefault(_signature(child), []).append(child)
-    placed: set[int] = set()
+    first = {id(group[0]): group for group in groups.values()}
     out: list[Node] = []
     for child in children:
-        if not child.label.isdigit():
+        group = first.get(id(child))
+        if not _numbered(child) or (group is not None and len(group) == 1):
             out.append(child)
-            continue
-        group = next(g for g in groups.values() if any(m is child for m in g))
-        if id(group) in placed:
-            continue
-        placed.add(id(group))
-        if len(group) == 1:
-            out.append(child)
-        else:
+        elif group is not None:  # the group stands where its first member stood
             label = "{" + format_numbers(int(m.label) for m in group) + "}"
             out.append(Node(label, group[0].path.rpartition(".")[0], children=group))
     return out
@@ -234,7 +232,8 @@ def problem_rows(data: Mapping) -> list[TensorRow]:
 
 
 def _status(name: str) -> Status:
-    return STATUSES.get(name, OTHER)
+    """A status a newer report may add still shows its own name, in the neutral colour."""
+    return STATUSES.get(name) or Status(str(name).replace("_", " "), OTHER.css)
 
 
 def badge(status: str, text: str | None = None) -> str:

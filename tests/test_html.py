@@ -17,7 +17,7 @@ from html_reports import diff_dict
 
 from ckpt_tools.diff import diff_keys
 from ckpt_tools.errors import UsageError
-from ckpt_tools.html import STATUSES, build_tree, render_html, rules_file
+from ckpt_tools.html import GROUP_PREVIEW, STATUSES, build_tree, render_html, rules_file
 from ckpt_tools.inspect import inspect_checkpoint
 from ckpt_tools.meta import TensorMeta
 from ckpt_tools.provenance import ProvenanceReport, ProvenanceRow
@@ -141,6 +141,34 @@ def test_a_single_module_chain_merges_into_one_label():
 
     rows = [TensorRow(f"a.b.c.{i}.w{j}", "stored") for i in range(3) for j in range(10)]
     assert [c.label for c in build_tree(rows).children] == ["a.b.c.{0..2}"]
+
+
+def test_odd_key_names_keep_their_place_in_the_tree():
+    from ckpt_tools.html import TensorRow
+
+    rows = [TensorRow("a..b", "stored"), TensorRow("a.b", "stored"), TensorRow("top", "stored"),
+            TensorRow("².w", "stored"), TensorRow("3.w", "stored")]
+    tree = build_tree(rows)
+    assert [t.key for t in tree.tensors] == ["top"]
+    assert [c.label for c in tree.children] == ["a", "²", "3"]  # only ASCII numbers are layers
+    assert sorted(t.key for t in tree.walk()) == sorted(r.key for r in rows)
+
+
+def test_every_key_of_a_long_problem_group_is_on_the_page():
+    problems = [{"kind": "unexpected", "key": f"extra.{i}.w", "detail": "nowhere in the model", "fix": None}
+                for i in range(GROUP_PREVIEW + 5)]
+    data = {"verdict": "fail", "source": "x", "target": "y", "counts": {"unexpected": len(problems)},
+            "problems": problems, "coverage": [], "hints": []}
+    page = render_html("diff", data, command_line="ckpt diff x --against y", tool_version="0")
+    assert [f"<code>extra.{i}.w</code>" in page for i in range(len(problems))] == [True] * len(problems)
+    assert "<summary>5 more unexpected keys</summary>" in page
+
+
+def test_a_status_the_page_does_not_know_shows_its_name_escaped():
+    data = {"verdict": "ok", "source": "x", "target": "y", "counts": {}, "problems": [], "coverage": [],
+            "hints": [], "entries": [{"key": "a.w", "status": "<i>new_status</i>"}]}
+    page = render_html("diff", data, command_line="", tool_version="0")
+    assert '<b class="s-a">&lt;i&gt;new status&lt;/i&gt;</b>' in page
 
 
 def _rules(rules) -> list[tuple]:
