@@ -9,8 +9,11 @@ the library become one line on stderr and exit code 2 (or the error's own ``exit
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import shlex
 import sys
+from pathlib import Path
 
 import click
 
@@ -18,7 +21,9 @@ from . import demo as demo_module
 from . import hub, server
 from .convert import convert_to_safetensors
 from .diff import diff_keys
-from .errors import CkptError
+from .errors import CkptError, UsageError
+from .fs import atomic_write
+from .html import render_html
 from .inspect import inspect_checkpoint
 from .remap import rules_from_cli
 from .remap_file import remap_checkpoint
@@ -26,17 +31,35 @@ from .render import FORMATS, render
 from .scan import scan_pickle
 from .targets import target_from_options
 from .validation import validate as run_validate
+from .version import VERSION
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
-STDOUT_KEY = "ckpt_tools.stdout"
+STDOUT_KEY, FORMAT_KEY, OUTPUT_KEY, ARGV_KEY = "ckpt.stdout", "ckpt.format", "ckpt.output", "ckpt.argv"
 
 
-def format_option(func):
-    """``--format table|json|markdown`` shared by every command that prints a result."""
-    return click.option(
-        "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
-        help="Output format: a table for people, json for scripts, markdown for PR comments.",
-    )(func)
+def _stash(name: str):
+    """A click callback keeping an option's value in the context for ``emit``."""
+    def callback(ctx, _param, value):
+        ctx.meta[name] = value
+        return value
+    return callback
+
+
+def format_option(func=None, *, html: bool = False):
+    """``--format`` (table, json, markdown; html where the report has a page) and ``--output FILE``,
+    shared by every command that prints a result. ``emit`` reads both, so commands take neither."""
+    def decorate(func):
+        choices = FORMATS + (("html",) if html else ())
+        func = click.option("--output", type=click.Path(dir_okay=False), metavar="FILE", expose_value=False,
+                            callback=_stash(OUTPUT_KEY),
+                            help="Write the result to FILE (atomically) instead of stdout.")(func)
+        return click.option(
+            "--format", type=click.Choice(choices), default="table", show_default=True, expose_value=False,
+            callback=_stash(FORMAT_KEY),
+            help="Output format: a table for people, json for scripts, markdown for PR comments"
+                 + (", html for a self-contained page." if html else "."),
+        )(func)
+    return decorate if func is None else decorate(func)
 
 
 def remap_options(func):
@@ -78,8 +101,22 @@ def command_stdout():
     return (context.meta.get(STDOUT_KEY) if context else None) or sys.stdout
 
 
-def emit(report, fmt: str) -> None:
-    render(report, fmt, stream=command_stdout())
+def emit(report) -> None:
+    """Render a report in the command's ``--format`` to stdout or ``--output FILE``."""
+    context = click.get_current_context()
+    fmt, output = context.meta.get(FORMAT_KEY, "table"), context.meta.get(OUTPUT_KEY)
+    stream = io.StringIO() if output else command_stdout()
+    if fmt == "html":
+        stream.write(render_html(report.html_kind, report.to_dict(), command_line=shlex.join(
+            context.meta.get(ARGV_KEY) or [context.command_path]), tool_version=VERSION))
+    else:
+        render(report, fmt, stream=stream)
+    if output:
+        if not Path(output).parent.is_dir():
+            raise UsageError("the output's folder does not exist", path=output,
+                             fix=f"create it first (mkdir -p {Path(output).parent})")
+        atomic_write(Path(output), stream.getvalue().encode("utf-8"))
+        click.echo(f"wrote {output}", err=True)
 
 
 class CkptCommand(click.Command):
@@ -98,9 +135,12 @@ class CkptGroup(click.Group):
 
     command_class = CkptCommand
 
-    def make_context(self, *args, **kwargs):
+    def make_context(self, info_name, args, *more, **kwargs):
+        argv = [info_name or "ckpt", *args]  # before parsing consumes it: the command line an HTML report shows
         try:
-            return super().make_context(*args, **kwargs)
+            context = super().make_context(info_name, args, *more, **kwargs)
+            context.meta[ARGV_KEY] = argv
+            return context
         except KeyboardInterrupt:  # Ctrl-C while arguments are parsed: click alone would say "Aborted!", exit 1
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -144,8 +184,8 @@ def cli() -> None:
 @click.option("--filter", "pattern", metavar="GLOB", help="Only keys matching this glob (e.g. 'perceiver.*').")
 @click.option("--depth", type=click.IntRange(min=1), default=3, show_default=True,
               help="Module-prefix depth of the grouping (numbered layers count as part of their module).")
-@format_option
-def inspect(source: str, pattern: str | None, depth: int, fmt: str) -> None:
+@format_option(html=True)
+def inspect(source: str, pattern: str | None, depth: int) -> None:
     """Show keys, shapes, dtypes, params, bytes, aliases and extras without loading tensors.
 
     \b
@@ -153,7 +193,7 @@ def inspect(source: str, pattern: str | None, depth: int, fmt: str) -> None:
       ckpt inspect checkpoint.pt --depth 2
       ckpt inspect hf://openflamingo/OpenFlamingo-3B-vitl-mpt1b/checkpoint.pt --format json
     """
-    emit(inspect_checkpoint(source, filter=pattern, depth=depth), fmt)
+    emit(inspect_checkpoint(source, filter=pattern, depth=depth))
 
 
 # --- remap ---
@@ -163,7 +203,7 @@ def inspect(source: str, pattern: str | None, depth: int, fmt: str) -> None:
 @remap_options
 @click.option("--force", is_flag=True, help="Overwrite DST if it exists (never the source itself).")
 @format_option
-def remap(src: str, dst: str, force: bool, fmt: str, **kwargs) -> None:
+def remap(src: str, dst: str, force: bool, **kwargs) -> None:
     """Rewrite the keys of SRC into DST, keeping the format.
 
     safetensors stays safetensors (a sharded folder stays sharded); a torch pickle is written with
@@ -175,7 +215,7 @@ def remap(src: str, dst: str, force: bool, fmt: str, **kwargs) -> None:
       ckpt remap train.pt clean.pt --preset ddp --drop '*.num_batches_tracked'
       ckpt remap model.safetensors out.safetensors --rename '^transformer\\.=model.'
     """
-    emit(remap_checkpoint(src, dst, rules=rules_from_options(kwargs), force=force), fmt)
+    emit(remap_checkpoint(src, dst, rules=rules_from_options(kwargs), force=force))
 
 
 # --- convert ---
@@ -194,7 +234,7 @@ def remap(src: str, dst: str, force: bool, fmt: str, **kwargs) -> None:
               help="Write the non-tensor entries (epoch, config...) that are JSON-able to FILE.")
 @format_option
 def convert(src: str, dst: str, dtype: str | None, max_shard_size: str | None, verify: bool, force: bool,
-            extras_path: str | None, fmt: str, **kwargs) -> None:
+            extras_path: str | None, **kwargs) -> None:
     """Convert SRC (.pt, .bin, .safetensors, a sharded index or folder) to safetensors at DST.
 
     DST is one .safetensors file, or with --max-shard-size (or when DST is a folder) shards named
@@ -210,7 +250,7 @@ def convert(src: str, dst: str, dtype: str | None, max_shard_size: str | None, v
     result = convert_to_safetensors(src, dst, rules=rules_from_options(kwargs), dtype=dtype,
                                     max_shard_size=max_shard_size, verify=verify, force=force,
                                     extras_path=extras_path)
-    emit(result, fmt)
+    emit(result)
 
 
 # --- diff ---
@@ -230,9 +270,9 @@ def _expect_options(func):
 @click.option("--against", metavar="SOURCE2", help="Compare with another checkpoint's keys.")
 @remap_options
 @_expect_options
-@format_option
+@format_option(html=True)
 def diff(source: str, model: str | None, model_config: str | None, against: str | None,
-         expect_missing: tuple[str, ...], require: tuple[str, ...], fmt: str, **kwargs) -> None:
+         expect_missing: tuple[str, ...], require: tuple[str, ...], **kwargs) -> None:
     """Key report of SOURCE against a model: matched, cast, shape mismatches, missing, unexpected.
 
     Missing keys are split into expected (frozen in the model, --expect-missing, the preset's
@@ -247,7 +287,7 @@ def diff(source: str, model: str | None, model_config: str | None, against: str 
     """
     report = diff_keys(source, target_from_options(model, model_config, against), remap=rules_from_options(kwargs),
                        expect_missing=expect_missing, require=require)
-    emit(report, fmt)
+    emit(report)
     sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
 
 
@@ -275,11 +315,11 @@ def diff(source: str, model: str | None, model_config: str | None, against: str 
               help="With --load on a model built for real: accept parameters that stay randomly initialised.")
 @click.option("--device", default="meta", show_default=True,
               help="Where to build the model; on meta only loaded tensors are materialised (on cpu).")
-@format_option
+@format_option(html=True)
 def validate(source: str, model: str | None, model_config: str | None, expect_missing: tuple[str, ...],
              require: tuple[str, ...], revision: str | None, endpoint: str | None, cache_dir: str | None,
              lock_file: str | None, convert_to: str | None, overwrite: bool, do_load: bool, force: bool, allow_random: bool,
-             device: str, fmt: str, **kwargs) -> None:
+             device: str, **kwargs) -> None:
     """Validate a checkpoint: pin, inspect, diff (remotely first), download, convert, load: one verdict.
 
     SOURCE is a local file or folder, hf://ORG/NAME[@REVISION]/PATH, or ORG/NAME with --revision
@@ -298,7 +338,7 @@ def validate(source: str, model: str | None, model_config: str | None, expect_mi
                           device=device, revision=revision, endpoint=endpoint, cache_dir=cache_dir,
                           lock=lock_file, convert=convert_to, overwrite=overwrite,
                           allow_random=allow_random)
-    emit(report, fmt)
+    emit(report)
     sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
 
 
@@ -316,7 +356,7 @@ def validate(source: str, model: str | None, model_config: str | None, expect_mi
 @click.option("--dry-run", is_flag=True, help="Pin the commit and show what would be fetched (sizes, what is cached); "
                                                "write nothing.")
 @format_option
-def download(repo_id, files, revision, lock, locked, cache_dir, local_dir, endpoint, dry_run, fmt):
+def download(repo_id, files, revision, lock, locked, cache_dir, local_dir, endpoint, dry_run):
     """Download files of REPO_ID at one pinned commit: resumable, hashed, verified.
 
     Without FILES, every file of the revision. A partial file survives an interrupted run and
@@ -330,7 +370,7 @@ def download(repo_id, files, revision, lock, locked, cache_dir, local_dir, endpo
     """
     plan = hub.plan_download(repo_id, files, revision=revision, cache_dir=cache_dir, local_dir=local_dir,
                              endpoint=endpoint, lock=lock, locked=locked)
-    emit(plan if dry_run else hub.execute(plan), fmt)
+    emit(plan if dry_run else hub.execute(plan))
 
 
 # --- serve ---
@@ -355,7 +395,7 @@ def serve(folder, host, port):
 @cli.command()
 @click.argument("source")
 @format_option
-def scan(source: str, fmt: str) -> None:
+def scan(source: str) -> None:
     """List what a pickle checkpoint would import and call, without running it.
 
     Walks the opcodes of every pickle in SOURCE (a torch zip file, a legacy torch file, a plain
@@ -369,7 +409,7 @@ def scan(source: str, fmt: str) -> None:
       ckpt scan hf://openflamingo/OpenFlamingo-3B-vitl-mpt1b/checkpoint.pt --format json
     """
     report = scan_pickle(source)
-    emit(report, fmt)
+    emit(report)
     sys.exit(EXIT_OK if report.verdict == "safe" else EXIT_PROBLEMS)
 # --- demo ---
 @cli.command()
@@ -377,7 +417,7 @@ def scan(source: str, fmt: str) -> None:
               help="Copy the demo's files (hub folder, cache, converted model) here instead of deleting them.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the demo checkpoint's values.")
 @format_option
-def demo(keep: str | None, seed: int, fmt: str) -> None:
+def demo(keep: str | None, seed: int) -> None:
     """Run the main job end to end, offline, on a tiny OpenFlamingo checkpoint.
 
     Makes a tiny checkpoint in the published layout, serves it with `ckpt serve` on a free loopback
@@ -394,7 +434,7 @@ def demo(keep: str | None, seed: int, fmt: str) -> None:
         click.echo(f"[{step.name}] {'ok' if step.ok else 'FAIL'} ({step.seconds:.1f}s) {step.detail}", err=True)
 
     report = demo_module.run_demo(keep=keep, seed=seed, progress=progress)
-    emit(report, fmt)
+    emit(report)
     sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
 
 

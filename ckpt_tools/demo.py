@@ -30,11 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CkptError, UsageError
+from .fs import atomic_write
+from .html import render_html
 from .hub import download
 from .presets import get_preset
 from .render import markdown_table, rich_table
 from .server import publish
 from .validation import validate
+from .version import VERSION
 
 DEFAULT_PRESET = "openflamingo-tiny"
 
@@ -57,6 +60,7 @@ class DemoReport:
     validation: Any = None  # ValidationReport
     generation: str = ""
     kept: str | None = None
+    report_html: str | None = None  # the validation's HTML page, when the files are kept
 
     @property
     def verdict(self) -> str:
@@ -72,7 +76,7 @@ class DemoReport:
                 "steps": [{"name": s.name, "ok": s.ok, "seconds": round(s.seconds, 3), "detail": s.detail}
                           for s in self.steps],
                 "validation": self.validation.to_dict() if self.validation is not None else None,
-                "generation": self.generation, "kept": self.kept}
+                "generation": self.generation, "kept": self.kept, "report_html": self.report_html}
 
     def rich_table(self):
         from rich.console import Group
@@ -82,6 +86,8 @@ class DemoReport:
                                        [s.row() for s in self.steps])]
         if self.validation is not None:
             parts += [Text(""), self.validation.rich_table()]
+        if self.report_html:
+            parts.append(Text(f"report: {self.report_html} (open it in a browser)"))
         parts.append(Text(f"demo verdict: {self.verdict.upper()}", style="bold green" if self.ok else "bold red"))
         return Group(*parts)
 
@@ -90,6 +96,8 @@ class DemoReport:
         text += markdown_table(["step", "", "time", "what happened"], [s.row() for s in self.steps]) + "\n"
         if self.validation is not None:
             text += "\n" + self.validation.to_markdown()
+        if self.report_html:
+            text += f"\nreport: `{self.report_html}` (open it in a browser)\n"
         return text
 
 
@@ -207,4 +215,8 @@ def run_demo(*, preset: str = DEFAULT_PRESET, keep: str | Path | None = None, se
         if keep:
             shutil.copytree(work, keep, dirs_exist_ok=True)
             report.kept = str(keep)
+            page = Path(keep) / "report.html"
+            atomic_write(page, render_html("validate", result.to_dict(), command_line=f"ckpt demo --keep {keep}",
+                                           tool_version=VERSION).encode("utf-8"))
+            report.report_html = str(page)
     return report

@@ -106,13 +106,16 @@ class Entry:
 
 @dataclass
 class KeyReport:
+    html_kind = "diff"  # the page ckpt_tools.html renders for it (--format html)
+
     source: str
     target: str
     entries: list[Entry]
     problems: list[Problem]
     hints: list[dict]
     coverage: list[CoverageRow]
-    unexpected: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)  # the checkpoint's own names
+    unexpected_metas: dict[str, TensorMeta] = field(default_factory=dict)  # by remapped name, same order
     duplicates: dict[str, str] = field(default_factory=dict)  # checkpoint alias -> name it repeats
     dropped: list[str] = field(default_factory=list)
     rules: list[str] = field(default_factory=list)
@@ -151,9 +154,22 @@ class KeyReport:
             "duplicates": len(self.duplicates),
             "dropped": list(self.dropped),
             "remap": list(self.rules),
+            "entries": self.entry_dicts(),
         }
         if self.load is not None:
             out["load"] = dict(self.load)
+        return out
+
+    def entry_dicts(self) -> list[dict]:
+        """One dict per target tensor, then one per unexpected checkpoint tensor: the per-key view
+        (``key``, ``status``, the checkpoint's ``shape``/``dtype``/``nbytes``, the target's
+        ``target_shape``/``target_dtype``, ``checkpoint_key`` when a remap renamed it, ``aliases``,
+        ``reason``)."""
+        out = [_entry_dict(entry) for entry in self.entries]
+        for old, (new, meta) in zip(self.unexpected, self.unexpected_metas.items(), strict=True):
+            out.append({"key": new, "status": "unexpected", "shape": list(meta.shape), "dtype": meta.dtype,
+                        "nbytes": meta.nbytes, "target_shape": None, "target_dtype": None,
+                        "checkpoint_key": old if old != new else None, "aliases": [], "reason": ""})
         return out
 
     # -- rendering --
@@ -354,7 +370,8 @@ def compare(ck: Side, target: Side, *, remap=None, expect_missing: Sequence[str]
     hints = _infer_fixes(problems, entries, unexpected, renamed, ck_renamed, target)
     return KeyReport(
         source=ck.label, target=target.label, entries=entries, problems=problems, hints=hints,
-        coverage=coverage_rows(entries), unexpected=unexpected, duplicates=duplicates,
+        coverage=coverage_rows(entries), unexpected=unexpected,
+        unexpected_metas={renamed[k]: ck.metas[k] for k in unexpected}, duplicates=duplicates,
         dropped=list(result.dropped), rules=[str(r) for r in rules],
         unmatched_require=[g for g in require if not any(fnmatch.fnmatchcase(n, g) for n in target.metas)],
     )
@@ -381,6 +398,16 @@ def _classify(group: list[str], target: Side, ck: Side, by_new: dict[str, str], 
     trainable = None if target.trainable is None else any(target.trainable.get(n, False) for n in group)
     expected, why = expect.classify(group, trainable)
     return Entry(group, "missing_expected" if expected else "missing_unexpected", model_meta, reason=why)
+
+
+def _entry_dict(entry: Entry) -> dict:
+    ck = entry.ckpt
+    return {"key": entry.name, "status": entry.status,
+            "shape": list(ck.shape) if ck else None, "dtype": ck.dtype if ck else None,
+            "nbytes": ck.nbytes if ck else None,
+            "target_shape": list(entry.model.shape), "target_dtype": entry.model.dtype,
+            "checkpoint_key": entry.ckpt_key if entry.ckpt_key not in (None, entry.name) else None,
+            "aliases": list(entry.names[1:]), "reason": entry.reason}
 
 
 def _unexpected(ck: Side, renamed: dict[str, str], used_ck: set[str]) -> tuple[list[str], dict[str, str]]:

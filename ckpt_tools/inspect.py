@@ -28,6 +28,8 @@ class Group:
 
 @dataclass
 class InspectReport:
+    html_kind = "inspect"  # the page ckpt_tools.html renders for it (--format html)
+
     source: str
     format: str
     wrapper: str | None

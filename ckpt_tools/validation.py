@@ -50,6 +50,8 @@ class RemoteCheck:
 
 @dataclass
 class ValidationReport:
+    html_kind = "validate"  # the page ckpt_tools.html renders for it (--format html)
+
     source: str
     target: str
     inspect: Any  # an InspectReport

@@ -1,42 +1,11 @@
 """Report dicts for the HTML report's tests and benchmark, made by the library itself.
 
-``diff_dict`` adds the per-tensor ``"entries"`` that ``ckpt_tools.html`` reads to a KeyReport's
-``to_dict()``: the schema ``KeyReport.to_dict()`` is to emit. A target tensor gives one entry
-(its first name as ``key``, the other names as ``aliases``); a checkpoint tensor nothing takes gives
-one entry with status ``unexpected`` under its remapped name.
+A diff's ``to_dict()`` carries the per-tensor ``"entries"`` that ``ckpt_tools.html`` reads: a target
+tensor gives one entry (its first name as ``key``, the other names as ``aliases``); a checkpoint
+tensor nothing takes gives one entry with status ``unexpected`` under its remapped name.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-
-
-def entry_dict(entry) -> dict:
-    ck = entry.ckpt
-    return {"key": entry.name, "status": entry.status,
-            "shape": list(ck.shape) if ck else None, "dtype": ck.dtype if ck else None,
-            "nbytes": ck.nbytes if ck else None,
-            "target_shape": list(entry.model.shape), "target_dtype": entry.model.dtype,
-            "checkpoint_key": entry.ckpt_key if entry.ckpt_key not in (None, entry.name) else None,
-            "aliases": list(entry.names[1:]), "reason": entry.reason}
-
-
-def unexpected_dicts(report, checkpoint_metas: Mapping) -> list[dict]:
-    # report.unexpected holds the checkpoint's own names; its problems, in the same order, the remapped ones
-    renamed = [p.key for p in report.problems if p.kind == "unexpected"]
-    out = []
-    for old, new in zip(report.unexpected, renamed, strict=True):
-        meta = checkpoint_metas[old]
-        out.append({"key": new, "status": "unexpected", "shape": list(meta.shape), "dtype": meta.dtype,
-                    "nbytes": meta.nbytes, "target_shape": None, "target_dtype": None,
-                    "checkpoint_key": old if old != new else None, "aliases": [], "reason": ""})
-    return out
-
-
-def diff_dict(report, checkpoint_metas: Mapping) -> dict:
-    data = report.to_dict()
-    data["entries"] = [entry_dict(e) for e in report.entries] + unexpected_dicts(report, checkpoint_metas)
-    return data
 
 
 def openflamingo_9b() -> dict:
@@ -44,14 +13,15 @@ def openflamingo_9b() -> dict:
     import json
     from pathlib import Path
 
-    from ckpt_tools.diff import diff_keys, preset_side
+    from ckpt_tools.diff import diff_keys
     from ckpt_tools.meta import TensorMeta
+    from ckpt_tools.targets import preset_side
 
     reference = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "data" / "openflamingo-released-keys.json"
     tensors = json.loads(reference.read_text())["openflamingo/OpenFlamingo-9B-vitl-mpt7b"]["tensors"]
     metas = {k: TensorMeta.of(k, v["shape"], v["dtype"]) for k, v in tensors.items()}
     report = diff_keys(metas, preset_side("openflamingo-9b-vitl-mpt7b", cached=False))
-    data = diff_dict(report, metas)
+    data = report.to_dict()
     data["source"] = "hf://openflamingo/OpenFlamingo-9B-vitl-mpt7b/checkpoint.pt"
     return data
 
@@ -81,6 +51,6 @@ def synthetic(tensors: int = 1000) -> dict:
         key = f"extra.head.{i}.weight"
         ckpt[key] = TensorMeta.of(key, (64, 64), "F32")
     report = diff_keys(ckpt, model, expect_missing=["model.blocks.7.ln.*"])
-    data = diff_dict(report, ckpt)
+    data = report.to_dict()
     data["source"] = "synthetic.safetensors"
     return data

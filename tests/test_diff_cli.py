@@ -172,3 +172,30 @@ def test_validate_load_fails_when_a_part_stays_random(run_cli, tiny, tmp_path):
         row for row in data["provenance"]["modules"] if row["module"] == "vision_encoder").items()
     allowed = run_cli(*args, "--allow-random")
     assert allowed.exit_code == 0, allowed.stdout[-1500:]
+
+
+def test_html_report_goes_to_output_file_and_not_stdout(run_cli, files, tmp_path):
+    full, partial = files
+    page = tmp_path / "report.html"
+    result = run_cli("diff", partial, "--against", full, "--format", "html", "--output", page)
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert f"wrote {page}" in result.stderr
+    text = page.read_text()
+    assert text.startswith("<!DOCTYPE html>")
+    assert "FAIL" in text
+
+
+def test_output_writes_json_atomically_and_refuses_a_missing_folder(run_cli, files, tmp_path):
+    full, partial = files
+    out = tmp_path / "report.json"
+    run_cli("diff", partial, "--against", full, "--format", "json", "--output", out)
+    assert json.loads(out.read_text())["verdict"] == "fail"
+    missing = run_cli("diff", partial, "--against", full, "--output", tmp_path / "nope" / "r.json")
+    assert missing.exit_code == 2
+    assert "the output's folder does not exist" in missing.stderr
+
+
+def test_html_is_offered_only_where_a_page_exists(run_cli, files):
+    result = run_cli("scan", files[0], "--format", "html")
+    assert result.exit_code == 2

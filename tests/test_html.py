@@ -13,13 +13,11 @@ import tomllib
 
 import pytest
 from cdp_browser import Browser, find_chromium
-from html_reports import diff_dict
 
 from ckpt_tools.diff import diff_keys
 from ckpt_tools.errors import UsageError
 from ckpt_tools.html import GROUP_PREVIEW, STATUSES, build_tree, render_html, rules_file
 from ckpt_tools.inspect import inspect_checkpoint
-from ckpt_tools.meta import TensorMeta
 from ckpt_tools.provenance import ProvenanceReport, ProvenanceRow
 from ckpt_tools.remap import rules_from_cli, rules_from_dicts
 
@@ -66,9 +64,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def diff_data(files):
-    report = diff_keys(files / "ckpt.safetensors", str(files / "model.safetensors"))
-    metas = {k: TensorMeta.of(k, *v) for k, v in _layout(files / "ckpt.safetensors").items()}
-    return diff_dict(report, metas)
+    return diff_keys(files / "ckpt.safetensors", str(files / "model.safetensors")).to_dict()
 
 
 def _layout(path) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -92,8 +92,9 @@ def test_cli_exit_codes_for_hub_validation(published, tmp_path, run_cli):
 
 def test_demo_runs_end_to_end_offline_and_cleans_up(tmp_path):
     env = dict(os.environ, TMPDIR=str(tmp_path))
-    out = subprocess.run([sys.executable, "-m", "ckpt_tools", "demo", "--format", "json"], capture_output=True,
-                         text=True, env=env, timeout=300)
+    kept = tmp_path / "kept"
+    out = subprocess.run([sys.executable, "-m", "ckpt_tools", "demo", "--format", "json", "--keep", str(kept)],
+                         capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(out.stdout)
     assert data["verdict"] == "ok"
@@ -104,6 +105,8 @@ def test_demo_runs_end_to_end_offline_and_cleans_up(tmp_path):
     assert data["generation"].startswith("<image> a photo of")
     assert "[validate] ok" in out.stderr
     assert not list(Path(tmp_path).glob("ckpt-demo-*")), "the demo must clean up after itself"
+    assert data["report_html"] == str(kept / "report.html")
+    assert "the checkpoint fits the model" in (kept / "report.html").read_text()
 
 
 def test_repo_id_with_revision_uses_the_presets_file_and_stops_before_download(published, tmp_path):
