@@ -424,12 +424,18 @@ def _defaultdict(factory=None, *args):
     return made
 
 
-def _reconstructor(cls, base, state):
-    """copyreg._reconstructor (protocols 0 and 1): an instance recorded, never built."""
-    obj = _made(getattr(cls, "dotted", None) or f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls)}",
-                "copyreg._reconstructor", (), {})
-    if state is not None:
-        obj.state = state
+def _reconstructor(cls, base, value):
+    """copyreg._reconstructor (protocols 0 and 1): ``base.__new__(cls, value)``, recorded, never
+    built; a dict or list subclass's contents (``value``) become its items."""
+    dotted = getattr(cls, "dotted", None) or f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls)}"
+    base_name = getattr(base, "dotted", None) or f"builtins.{getattr(base, '__name__', '?')}"
+    obj = _made(dotted, "copyreg._reconstructor", (), {})
+    if base_name == "builtins.dict" and isinstance(value, Mapping):
+        obj.items.extend(value.items())
+    elif base_name == "builtins.list" and isinstance(value, list):
+        obj.listitems.extend(value)
+    elif value is not None or base_name != "builtins.object":
+        obj.args = (base, value)
     return obj
 
 
@@ -480,6 +486,7 @@ CONSTRUCTORS: dict[tuple[str, str], object] = {
     ("torch", "device"): _device,
     ("torch.serialization", "_get_layout"): _layout,
     **{("torch", name): _StorageType(name, dtype) for name, dtype in STORAGE_DTYPES.items()},
+    ("torch.storage", "UntypedStorage"): _StorageType("storage.UntypedStorage", "U8"),  # how torch 2 names it
     **{("torch", name): TorchName(f"torch.{name}", "dtype") for name in TORCH_DTYPES},
     **{("torch", name): TorchName(f"torch.{name}", kind) for name, kind in TORCH_NAMES.items()},
     **{(module, "Tensor"): TorchName("torch.Tensor", "type") for module in ("torch", "torch._tensor")},
@@ -618,6 +625,20 @@ class _Storages:
         if ref.base + ref.numel > root.numel:
             raise _Malformed(f"storage view '{view_key}' reaches past storage '{key}'")
         return self.refs.setdefault(str(view_key), ref)
+
+
+def loads(data: bytes, *, source: str = "<pickle>", inert: bool = False) -> Contents:
+    """One pickle held in memory (no torch storages), read inertly; refused like a checkpoint's
+    pickle when it names code-running globals, unless ``inert``."""
+    uses: dict[str, GlobalUse] = {}
+    notes: list[str] = []
+    try:
+        root = _unpickle(io.BytesIO(data), uses, "pickle", source)
+    except InvalidCheckpointError:
+        _check_hostile(uses, source, inert, notes)
+        raise
+    _check_hostile(uses, source, inert, notes)
+    return Contents("pickle", root, {}, {}, uses, notes)
 
 
 # ---------------------------------------------------------------------------------------------

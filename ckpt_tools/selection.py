@@ -489,7 +489,7 @@ def _account(walk: _Walk, chosen: _Candidate, others: list[_Candidate], *, expli
 
 def _group(path: tuple[str, ...], selected: tuple[str, ...]) -> str:
     """The first key of ``path`` that leaves the selection's path (the whole path when inside it)."""
-    for depth in range(len(path)):
-        if depth >= len(selected) or path[depth] != selected[depth]:
+    for depth, (mine, theirs) in enumerate(zip(path, selected, strict=False)):
+        if mine != theirs:
             return ".".join(path[: depth + 1])
     return ".".join(path)
