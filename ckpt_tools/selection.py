@@ -396,21 +396,26 @@ def _explicit(walk: _Walk, select: str, source: str) -> _Candidate:
     return _Candidate(path, "state dict", dict(tensors), True, -1)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _nothing_found(root, walk: _Walk, source: str, priority: Sequence[str]) -> InvalidCheckpointError:
-    if not isinstance(root, Mapping) and not walk.tensors:
-        return InvalidCheckpointError(f"the pickle holds a {type_name(root)}, not a dict of tensors", path=source,
-                                      fix="save a state dict: torch.save(model.state_dict(), path)")
+    unsearched = f" ({walk.notes[-1]})" if any("was not searched" in n for n in walk.notes) else ""
+    not_a_dict = InvalidCheckpointError(f"the pickle holds a {type_name(root)}, not a dict of tensors{unsearched}",
+                                        path=source, fix="save a state dict: torch.save(model.state_dict(), path)")
+    if not isinstance(root, Mapping) and (not walk.tensors or _leaf(root) != "inert"):
+        return not_a_dict
     if not walk.tensors:
         keys = ", ".join(str(k) for k, _ in (_entries(root) or [])[:8])
-        return InvalidCheckpointError(f"no tensors found (top-level entries: {keys or 'none'})", path=source,
+        return InvalidCheckpointError(f"no tensors found (top-level entries: {keys or 'none'}){unsearched}",
+                                      path=source,
                                       fix=f"expected a state dict, or one under {', '.join(priority[:5])}, ...")
-    if not isinstance(root, Mapping) and _leaf(root) != "inert":
-        return InvalidCheckpointError(f"the pickle holds a {type_name(root)}, not a dict of tensors", path=source,
-                                      fix="save a state dict: torch.save(model.state_dict(), path)")
     places = list(dict.fromkeys(".".join(p[:1]) or TOP for p, _, _ in walk.tensors))
     reasons = list(walk.refused) + (["optimizer state"] if any(o for _, _, o in walk.tensors) else [])
     return InvalidCheckpointError(
-        f"no state dict found: the file's {len(walk.tensors)} tensors sit under {', '.join(places[:6])}"
+        f"no state dict found: the file's {_count(len(walk.tensors), 'tensor')} "
+        f"{'sits' if len(walk.tensors) == 1 else 'sit'} under {', '.join(places[:6])}"
         + (f" ({'; '.join(reasons)})" if reasons else ""), path=source,
         fix="pass select=PATH (--select PATH) naming the entry that holds the weights")
 
