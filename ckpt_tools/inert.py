@@ -99,6 +99,9 @@ class StorageRef:
     def nbytes(self) -> int:
         return self.numel * int(DTYPES[self.dtype][0])
 
+    def __setstate__(self, state) -> None:  # BUILD: a pickle may not change what was checked
+        raise _Malformed("BUILD on a storage")
+
 
 @dataclass(frozen=True)
 class TensorRef:
@@ -136,6 +139,9 @@ class TensorRef:
     def identity(self) -> tuple:
         """Equal for two references to the same bytes viewed the same way (aliases)."""
         return (self.storage.key, self.storage.base + self.offset, self.shape, self.stride, self.dtype)
+
+    def __setstate__(self, state) -> None:  # BUILD: a pickle may not change a checked shape or offset
+        raise _Malformed("BUILD on a tensor")
 
 
 class TorchName(str):
@@ -373,9 +379,10 @@ _PLAIN_TENSOR_TYPES = frozenset({"torch.Tensor", "torch._tensor.Tensor", "torch.
 def _rebuild_from_type(func, new_type, args, state):
     """torch._tensor._rebuild_from_type_v2: rebuild with ``func``; a subclass other than
     Parameter stays a placeholder around the tensor (its class is never imported)."""
-    if func not in (_rebuild_tensor, _rebuild_tensor_v3, _rebuild_parameter) or not isinstance(args, tuple):
+    inner = func.func if isinstance(func, _Constructor) else None
+    if inner not in (_rebuild_tensor, _rebuild_tensor_v3, _rebuild_parameter) or not isinstance(args, tuple):
         return _made("torch._tensor._rebuild_from_type_v2", "REDUCE", (func, new_type, args, state), {})
-    tensor = func(*args)
+    tensor = inner(*args)
     name = getattr(new_type, "dotted", None) or str(new_type)
     if name in _PLAIN_TENSOR_TYPES and isinstance(tensor, TensorRef):
         return replace(tensor, parameter=name.endswith("Parameter"))
@@ -452,11 +459,49 @@ def _newobj_ex(cls, args=(), kwargs=None):
     return _made("copyreg.__newobj_ex__", "REDUCE", (cls, args, kwargs), {})
 
 
-class _StorageType:
+class _ReadOnly:
+    """Stand-ins a pickle receives cannot be changed by it (BUILD with slot state sets attributes)."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name, value):
+        raise _Malformed(f"a pickle tried to set '{name}' on {self!r:.60}")
+
+
+class _StorageType(_ReadOnly):
     """``torch.FloatStorage`` and friends, as they appear in persistent ids."""
 
+    __slots__ = ("dotted", "dtype")
+
     def __init__(self, name: str, dtype: str) -> None:
-        self.dotted, self.dtype = f"torch.{name}", dtype
+        object.__setattr__(self, "dotted", f"torch.{name}")
+        object.__setattr__(self, "dtype", dtype)
+
+
+class _Constructor(_ReadOnly):
+    """One allow-listed callable as one unpickler hands it out: the pickle can call it, not change
+    it, and what it does to its own copy cannot reach another read."""
+
+    __slots__ = ("dotted", "func")
+
+    def __init__(self, func, dotted: str) -> None:
+        object.__setattr__(self, "func", func)
+        object.__setattr__(self, "dotted", dotted)
+
+    def __call__(self, *args, **kwargs):
+        return self.func(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<stand-in for {self.dotted}>"
+
+
+def _fresh(value, dotted: str):
+    """A private copy of an allow-list entry for one unpickler."""
+    if isinstance(value, TorchName):
+        return TorchName(str(value), value.kind)
+    if isinstance(value, _StorageType):
+        return _StorageType(value.dotted.removeprefix("torch."), value.dtype)
+    return _Constructor(value, dotted)
 
 
 # (module, name) -> what the pickle gets instead of the global; nothing else is ever called
@@ -527,7 +572,7 @@ class InertUnpickler(pickle.Unpickler):
         dotted = f"{module}.{name}"
         if (module, name) in CONSTRUCTORS:
             self.uses.setdefault(dotted, GlobalUse(dotted, "stand-in", self.record))
-            return CONSTRUCTORS[(module, name)]
+            return _fresh(CONSTRUCTORS[(module, name)], dotted)
         status = "hostile" if is_code_global(module, name) else "not executed"
         self.uses.setdefault(dotted, GlobalUse(dotted, status, self.record))
         if dotted not in self.placeholders:
@@ -612,7 +657,7 @@ class _Storages:
         if kind != "storage" or len(pid) != (6 if self.legacy else 5) or not isinstance(pid[1], _StorageType):
             raise _Malformed(f"unexpected persistent id {pid!r:.80}")
         storage_type, key, numel = pid[1], str(pid[2]), pid[4]
-        if not isinstance(numel, int) or numel < 0:
+        if storage_type.dtype not in DTYPES or not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
             raise _Malformed(f"storage '{key}' has a bad size")
         root = self.roots.setdefault(key, StorageRef(key, storage_type.dtype, numel))
         if root.dtype != storage_type.dtype or root.numel != numel:

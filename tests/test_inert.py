@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import contextlib
 import os
 import subprocess
 import sys
@@ -163,6 +164,18 @@ def test_operations_on_a_placeholder_are_recorded_in_order():
 def test_a_call_of_a_placeholder_keeps_its_arguments():
     thing = loads(_handmade(b"cnowhere_mod\nmake\n", _text("a"), b"K\x02\x86R")).root
     assert (thing.dotted, thing.how, thing.args) == ("nowhere_mod.make", "REDUCE", ("a", 2))
+
+
+@pytest.mark.parametrize("target", [b"ccollections\nCounter\n", b"ctorch\nFloatStorage\n", b"ctorch\nfloat32\n"])
+def test_a_pickle_cannot_change_the_stand_ins_for_later_reads(target):
+    import collections
+
+    poison = _handmade(target, b"N}", _text("dtype"), _text("F64"), b"s", _text("kind"), _text("x"), b"s\x86b")
+    with contextlib.suppress(InvalidCheckpointError):  # refused, or applied to that pickle's own copy
+        loads(poison)
+    clean = loads(_handmade(target)).root
+    assert getattr(clean, "dtype", "F32") == "F32" and getattr(clean, "kind", "dtype") == "dtype"
+    assert not hasattr(collections.Counter, "dtype")
 
 
 @pytest.mark.parametrize(("module", "name", "hostile"), [
