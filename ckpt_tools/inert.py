@@ -277,7 +277,8 @@ def placeholder_global(dotted: str) -> type:
 
 
 def is_inert(value) -> bool:
-    return isinstance(value, InertObject | _GlobalType)
+    """A placeholder, or a bare reference to a global: nothing a rewritten pickle could hold."""
+    return isinstance(value, InertObject | _GlobalType | _Constructor | _StorageType)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,6 +491,10 @@ class _Constructor(_ReadOnly):
 
     def __call__(self, *args, **kwargs):
         return self.func(*args, **kwargs)
+
+    @property
+    def ckpt_type_name(self) -> str:
+        return f"{self.dotted} (global)"
 
     def __repr__(self) -> str:
         return f"<stand-in for {self.dotted}>"
@@ -886,7 +891,7 @@ def plain(value, depth: int = 0):
         return value
     if isinstance(value, bytes | bytearray):
         return value.decode("latin-1")
-    if isinstance(value, _GlobalType):
+    if isinstance(value, _GlobalType | _Constructor):
         return {"__global__": value.dotted}
     if isinstance(value, InertObject):
         out: dict = {"__global__": value.dotted, "__not_executed__": value.how}

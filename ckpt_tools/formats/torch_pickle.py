@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import UsageError
-from ..inert import Contents, InertObject, MappedStorages, TensorRef, TorchName, is_inert, plain
+from ..inert import Contents, MappedStorages, TensorRef, TorchName, is_inert, plain
 from ..meta import TensorMeta
 from ..reader import Checkpoint
 from ..selection import TOP
@@ -116,10 +116,31 @@ def _summary(selection, not_executed: dict[str, list[str]]) -> list[str]:
         lines.append(f"the file holds {accounting.tensors} tensors ({accounting.nbytes:,} bytes); besides the "
                      f"selected ones: {elsewhere}")
     if not_executed:
+        outer = _outermost(not_executed)
         shown = [f"{name} at {', '.join(p or TOP for p in paths[:3]) or '(no entry)'}"
-                 + (f" (+{len(paths) - 3})" if len(paths) > 3 else "") for name, paths in not_executed.items()]
-        lines.append(f"not executed (read inertly, never imported or called): {'; '.join(shown)}")
+                 + (f" (+{len(paths) - 3})" if len(paths) > 3 else "") for name, paths in outer.items()]
+        inner = len(not_executed) - len(outer)
+        lines.append(f"not executed (read inertly, never imported or called): {'; '.join(shown)}"
+                     + (f"; and {inner} more globals inside them" if inner else ""))
     return lines
+
+
+def _outermost(not_executed: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The placeholders that do not sit inside another one (a DictConfig, not its nodes)."""
+    every = {path for paths in not_executed.values() for path in paths}
+
+    def inside(path: str) -> bool:
+        if path and "" in every:
+            return True
+        cut = path.rfind(".")
+        while cut > 0:
+            if path[:cut] in every:
+                return True
+            cut = path.rfind(".", 0, cut)
+        return False
+
+    outer = {name: [p for p in paths if not inside(p)] for name, paths in not_executed.items()}
+    return {name: paths for name, paths in outer.items() if paths or not not_executed[name]}
 
 
 def _materialised(root, storages: MappedStorages):
@@ -137,8 +158,9 @@ def _materialised(root, storages: MappedStorages):
             return torch.nn.Parameter(tensor, requires_grad=False) if value.parameter else tensor
         if isinstance(value, TorchName):
             return _torch_value(value)
-        if isinstance(value, InertObject) or is_inert(value):
-            raise UsageError("the pickle holds objects that were not executed", fix="use `ckpt convert`")
+        if is_inert(value):
+            raise UsageError(f"the pickle holds {value!r:.80}, which cannot be written back",
+                             fix="convert it to safetensors with `ckpt convert` instead")
         if id(value) in done:
             return done[id(value)]
         if isinstance(value, dict):
