@@ -256,6 +256,8 @@ def test_a_module_under_a_key_is_selected_and_its_other_tensors_accounted(tmp_pa
         assert set(ckpt.not_executed) == {"torch.nn.modules.container.Sequential", "torch.nn.modules.conv.Conv1d",
                                           "torch.nn.modules.batchnorm.BatchNorm1d", "torch.nn.modules.linear.Linear"}
         assert ckpt.not_executed["torch.nn.modules.container.Sequential"] == ["model", "model._modules.2"]
+        assert ("not executed (read inertly, never imported or called): torch.nn.modules.container.Sequential "
+                "at model; and 3 more globals inside them") in ckpt.notes
         assert [b.to_dict() for b in ckpt.accounting.buckets] == [
             {"kind": "selected", "path": "model", "tensors": 8, "nbytes": 6 * 4 + 4 * 3 * 4 + 8 + 6 * 4 + 2 * 4},
             {"kind": "extra", "path": "model._modules.1._buffers.scratch", "tensors": 1, "nbytes": 16}]
