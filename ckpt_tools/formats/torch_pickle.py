@@ -42,7 +42,11 @@ def sniff_legacy(head: bytes) -> bool:
 
 class TorchCheckpoint(Checkpoint):
     """A torch pickle read inertly: the selected state dict lists from the pickle alone; tensors
-    are views of a memory map of the file (None for a remote listing, which has no bytes)."""
+    are views of a memory map of the file (None for a remote listing, which has no bytes).
+
+    Beside the base fields, ``selection`` is the whole ``selection.Selection`` (its report
+    methods render the choice, the alternatives and the accounting).
+    """
 
     def __init__(self, source: str, contents: Contents, storages: MappedStorages | None,
                  select: str | None = None) -> None:
@@ -88,7 +92,7 @@ class TorchCheckpoint(Checkpoint):
             raise UsageError(f"the pickle holds objects that were not executed ({', '.join(found[:4])}), which "
                              "cannot be written back", path=self.source,
                              fix="convert it to safetensors with `ckpt convert` instead")
-        return _materialised(self._root, self._storages)
+        return _materialised(self._root, self._storages, self.source)
 
     def close(self) -> None:
         if self._storages is not None:
@@ -143,7 +147,7 @@ def _outermost(not_executed: dict[str, list[str]]) -> dict[str, list[str]]:
     return {name: paths for name, paths in outer.items() if paths or not not_executed[name]}
 
 
-def _materialised(root, storages: MappedStorages):
+def _materialised(root, storages: MappedStorages, source: str):
     """``root`` with TensorRefs as tensors (shared storages stay shared), dtype, device and size
     names as torch objects; containers keep their types."""
     import torch
@@ -152,14 +156,15 @@ def _materialised(root, storages: MappedStorages):
 
     def convert(value, depth: int):
         if depth > 200:
-            raise UsageError("the pickle nests too deeply to be written back", fix="use `ckpt convert`")
+            raise UsageError("the pickle nests too deeply to be written back", path=source,
+                             fix="convert it to safetensors with `ckpt convert` instead")
         if isinstance(value, TensorRef):
             tensor = storages.tensor(value)
             return torch.nn.Parameter(tensor, requires_grad=False) if value.parameter else tensor
         if isinstance(value, TorchName):
-            return _torch_value(value)
+            return _torch_value(value, source)
         if is_inert(value):
-            raise UsageError(f"the pickle holds {value!r:.80}, which cannot be written back",
+            raise UsageError(f"the pickle holds {value!r:.80}, which cannot be written back", path=source,
                              fix="convert it to safetensors with `ckpt convert` instead")
         if id(value) in done:
             return done[id(value)]
@@ -183,7 +188,7 @@ def _materialised(root, storages: MappedStorages):
     return convert(root, 0)
 
 
-def _torch_value(name: TorchName):
+def _torch_value(name: TorchName, source: str):
     import torch
 
     if name.kind == "device":
@@ -191,7 +196,8 @@ def _torch_value(name: TorchName):
     attribute = str(name).removeprefix("torch.")
     value = getattr(torch, attribute, None) if "." not in attribute else None
     if value is None:
-        raise UsageError(f"{name} has no torch counterpart here", fix="use `ckpt convert`")
+        raise UsageError(f"{name} has no torch counterpart here", path=source,
+                         fix="convert it to safetensors with `ckpt convert` instead")
     return value
 
 
