@@ -318,37 +318,42 @@ class _Walk:
             if kind == "tensor":
                 self.tensors.append((path, value, optimizer))
                 continue
-            if kind in ("inert", "global"):
-                self.not_executed.setdefault(value.dotted, [])
-                if id(value) not in seen:
-                    self.not_executed[value.dotted].append(".".join(path))
+            if kind in ("inert", "global") and id(value) not in seen:
+                self.not_executed.setdefault(value.dotted, []).append(".".join(path))
             entries = _entries(value)
             if entries is None or id(value) in seen:
                 continue
             seen.add(id(value))
-            if isinstance(value, Mapping) or kind == "inert":
-                self.containers[path] = value
-                self.by_text.setdefault(".".join(path), path)
-            module = not in_module and not optimizer and _module_fields(value) is not None
-            if module:
-                state = module_state(value, self.notes)
-                if state:
-                    self.candidates.append(_Candidate(path, "module", state, True, len(self.candidates)))
-            elif not in_module and not optimizer and (isinstance(value, Mapping) or kind == "inert"):
-                candidate, why = _mapping_candidate(path, value, len(self.candidates))
-                if candidate is not None:
-                    self.candidates.append(candidate)
-                elif why:
-                    self.refused[why] += 1
+            module = self._consider(path, value, kind, searching=not (in_module or optimizer))
             if len(path) >= MAX_DEPTH:
                 too_deep += 1
                 continue
             for key, child in reversed(entries):
-                under_optimizer = optimizer or _is_optimizer(key, child)
-                stack.append((path + (str(key),), child, under_optimizer, in_module or module))
+                stack.append((path + (str(key),), child, optimizer or _is_optimizer(key, child), in_module or module))
         if too_deep:
             self.notes.append(f"{too_deep} entries nest deeper than {MAX_DEPTH} levels; what lies below them "
                               "was not searched")
+
+    def _consider(self, path: tuple[str, ...], value, kind: str | None, *, searching: bool) -> bool:
+        """Record a mapping or placeholder (and, outside optimizer state and modules, whether it
+        is a candidate); True when it is a pickled module, whose insides are then not searched."""
+        if not (isinstance(value, Mapping) or kind == "inert"):
+            return False
+        self.containers[path] = value
+        self.by_text.setdefault(".".join(path), path)
+        if not searching:
+            return False
+        if _module_fields(value) is not None:
+            state = module_state(value, self.notes)
+            if state:
+                self.candidates.append(_Candidate(path, "module", state, True, len(self.candidates)))
+            return True
+        candidate, why = _mapping_candidate(path, value, len(self.candidates))
+        if candidate is not None:
+            self.candidates.append(candidate)
+        elif why:
+            self.refused[why] += 1
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
