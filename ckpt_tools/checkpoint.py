@@ -28,6 +28,14 @@ class Checkpoint:
       notes    things the user should know about how the file was read
       aliases  groups of names that share one tensor (same storage, offset, shape, stride)
       files    the local files it reads (an index and its shards); empty when remote
+      alternatives  other state dicts found beside the selected one, best first
+               (``selection.Alternative``: path, kind, tensors, nbytes, select); [] where the
+               format holds one state dict
+      accounting  every tensor of the file and where it went (``selection.Accounting``: buckets
+               selected / alternative / optimizer / extra, totals, whether ``select`` named it);
+               None where the listing is the whole file
+      not_executed  {global: [key paths]} of what a pickle named and was replaced by an inert
+               placeholder, never imported or called ("" = the top level, [] = in no entry)
     """
 
     format: str = "unknown"
@@ -39,6 +47,9 @@ class Checkpoint:
         self.extras: dict[str, str] = {}
         self.notes: list[str] = []
         self.aliases: list[list[str]] = []
+        self.alternatives: list = []
+        self.accounting = None
+        self.not_executed: dict[str, list[str]] = {}
         self._metas: dict[str, TensorMeta] = {}
         self.bytes_read: int | None = None
         self.commit: str | None = None  # the hub commit a remote checkpoint was read at

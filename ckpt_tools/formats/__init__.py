@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..checkpoint import Checkpoint
-from ..errors import InvalidCheckpointError, UnsupportedFormatError
+from ..errors import InvalidCheckpointError, UnsupportedFormatError, UsageError
 from ..http import RetryPolicy
 from ..sources import Source, resolve
 from . import safetensors as st
@@ -26,37 +26,50 @@ from .sharded import ShardedCheckpoint
 
 @dataclass(frozen=True)
 class Format:
-    open_path: Callable[[Path, str], Checkpoint]
-    open_fileobj: Callable[[BinaryIO, str, int], Checkpoint] | None = None
+    open_path: Callable[..., Checkpoint]  # (path, source, **options)
+    open_fileobj: Callable[..., Checkpoint] | None = None  # (fileobj, source, size, **options)
+    options: tuple[str, ...] = ()  # the reader options it takes
 
 
 # magic.detect's name -> its reader
 FORMATS: dict[str, Format] = {
     "safetensors": Format(st.open_path, st.open_fileobj),
-    "zip": Format(tp.open_zip_path, tp.open_zip_fileobj),
-    "torch-legacy": Format(tp.open_legacy_path),
+    "zip": Format(tp.open_zip_path, tp.open_zip_fileobj, tp.OPTIONS),
+    "torch-legacy": Format(tp.open_legacy_path, None, tp.OPTIONS),
+}
+# What ``select`` and ``inert`` mean; a file that holds no pickle has nothing to select inside and
+# nothing to run, so ``inert`` is harmless there and ``select`` an error.
+READER_OPTIONS: dict[str, str] = {
+    "select": "a dotted path to the state dict inside a torch pickle (e.g. model_ema)",
+    "inert": "read a pickle that names code-running globals, without running it",
 }
 
 
-def open_checkpoint(source: str | Path | BinaryIO | Source, *, revision: str | None = None,
-                    endpoint: str | None = None, token: str | bool | None = None,
+def open_checkpoint(source: str | Path | BinaryIO | Source, *, select: str | None = None, inert: bool = False,
+                    revision: str | None = None, endpoint: str | None = None, token: str | bool | None = None,
                     retry: RetryPolicy | None = None, block_size: int | None = None) -> Checkpoint:
     """Open a local file, folder, index or ``hf://ORG/NAME[@REV]/PATH`` reference lazily.
 
-    ``revision``, ``endpoint``, ``token``, ``retry`` and ``block_size`` apply to hub sources. A
-    remote checkpoint's ``commit`` is the commit it was read at and ``bytes_read`` what was fetched.
+    ``select``: the dotted path of the state dict to take inside a torch pickle (by default it is
+    chosen by content); ``inert``: read a pickle that names code-running globals without running
+    it (by default such a file is refused). ``revision``, ``endpoint``, ``token``, ``retry`` and
+    ``block_size`` apply to hub sources; a remote checkpoint's ``commit`` is the commit it was read
+    at and ``bytes_read`` what was fetched.
     """
     resolved = source if isinstance(source, Source) else resolve(
         source, revision=revision, endpoint=endpoint, token=token, retry=retry, block_size=block_size)
-    return open_source(resolved)
+    options = {k: v for k, v in (("select", select), ("inert", inert)) if v}
+    return open_source(resolved, **options)
 
 
-def open_source(resolved: Source) -> Checkpoint:
-    """The reader for a resolved SOURCE."""
+def open_source(resolved: Source, **options) -> Checkpoint:
+    """The reader for a resolved SOURCE; ``options`` are reader options (``READER_OPTIONS``)."""
     if resolved.format == "index":
-        checkpoint = ShardedCheckpoint(resolved.given, resolved.index, lambda name: open_source(resolved.shard(name)))
+        _reader_options((), options, resolved.given)
+        checkpoint = ShardedCheckpoint(resolved.given, resolved.index,
+                                       lambda name: open_source(resolved.shard(name), **options))
     else:
-        checkpoint = _open_file(resolved)
+        checkpoint = _open_file(resolved, options)
     checkpoint.notes[:0] = resolved.notes
     checkpoint.files = resolved.local_files()
     if resolved.ref is not None:
@@ -64,7 +77,7 @@ def open_source(resolved: Source) -> Checkpoint:
     return checkpoint
 
 
-def _open_file(resolved: Source) -> Checkpoint:
+def _open_file(resolved: Source, options: dict) -> Checkpoint:
     reader = FORMATS.get(resolved.format)
     if reader is None:
         if resolved.format == "unknown" and resolved.path is not None and resolved.path.suffix == ".safetensors" \
@@ -72,13 +85,22 @@ def _open_file(resolved: Source) -> Checkpoint:
             return st.open_path(resolved.path, resolved.given)  # the parser says exactly how it is truncated
         resolved.close()
         raise _unrecognised(resolved)
+    options = _reader_options(reader.options, options, resolved.given)
     if resolved.path is not None:
-        return reader.open_path(resolved.path, resolved.given)
+        return reader.open_path(resolved.path, resolved.given, **options)
     if reader.open_fileobj is None:
         resolved.close()
         raise UnsupportedFormatError(f"{resolved.format} files cannot be read remotely", path=resolved.given,
                                      fix="download the file first (ckpt download)")
-    return reader.open_fileobj(resolved.fileobj, resolved.given, resolved.size)
+    return reader.open_fileobj(resolved.fileobj, resolved.given, resolved.size, **options)
+
+
+def _reader_options(accepted: tuple[str, ...], options: dict, source: str) -> dict:
+    """The options a reader takes; ``select`` on a file without a pickle is an error."""
+    if "select" in options and "select" not in accepted:
+        raise UsageError("--select picks a state dict inside a torch pickle; this checkpoint holds no pickle",
+                         path=source, fix="drop --select (a safetensors file or index is one state dict)")
+    return {k: v for k, v in options.items() if k in accepted}
 
 
 def _remote_bookkeeping(checkpoint: Checkpoint, resolved: Source) -> None:

@@ -1,117 +1,231 @@
 """Torch pickles: zip format (``torch.save`` since 1.6) and the legacy (non-zip) format.
 
-Always ``torch.load(weights_only=True)``: a pickle that needs other globals is refused, never run.
-Zip files are opened with ``mmap=True`` (local) or ``map_location="meta"`` (a remote file object),
-so listing keys reads only the pickle and the zip directory. Legacy files cannot be mapped and are
-read in full; the checkpoint's notes say so.
+Both are read by ``ckpt_tools.inert`` without torch.load and without running the pickle: the
+structure comes back with tensor references, the model's state dict is chosen by content
+(``wrappers.choose``), and tensor bytes are memory-mapped from the file on demand. Listing reads
+the pickle and the zip directory (or the legacy storage headers) only, and imports no torch.
+
+Options (``open_checkpoint(path, **options)``): ``select="dotted.path"`` takes that state dict
+instead of the chosen one; ``inert=True`` also reads a pickle that names code-running globals
+(they are still never imported or called; by default such a file is refused).
 """
 
 from __future__ import annotations
 
-import pickle
-import zipfile
-from collections.abc import Mapping
+import math
+from collections import OrderedDict
 from pathlib import Path
 from typing import BinaryIO
 
 from ..checkpoint import Checkpoint
-from ..errors import InvalidCheckpointError, UsageError
+from ..errors import UsageError
+from ..inert import Contents, MappedStorages, TensorRef, TorchName, is_inert, plain, read_legacy, read_zip
 from ..meta import TensorMeta
-from ..pickle_safety import check_zip_records, unsafe_pickle_error
-from .torch_zip import try_open
-from .wrappers import extra_values, unwrap
+from ..pickle_safety import check_zip_records
+from ..selection import TOP
+from .wrappers import choose
 
-
-def _refused(source: str, exc: Exception, fileobj_or_path) -> Exception:
-    """torch refuses hostile and merely damaged pickles alike; the scan tells which (and names
-    every offending global, where torch names only the first)."""
-    if hasattr(fileobj_or_path, "seek"):
-        fileobj_or_path.seek(0)
-    return unsafe_pickle_error(fileobj_or_path, source, exc)
-
-
-def _torch_load(source: str, target, **kwargs):
-    import torch
-
-    try:
-        return torch.load(target, weights_only=True, **kwargs)
-    except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
-            raise _refused(source, exc, target) from None
-        raise InvalidCheckpointError(f"corrupt pickle ({str(exc).splitlines()[0][:160]})", path=source,
-                                     fix="the file is damaged: download or save it again") from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError, IndexError,
-            TypeError, AttributeError, MemoryError, RecursionError, UnicodeDecodeError, OverflowError) as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-        raise InvalidCheckpointError(f"truncated or corrupt torch checkpoint ({first})", path=source,
-                                     fix="the file is damaged: download or save it again") from None
+OPTIONS = ("select", "inert")
+_LEGACY_NOTE = ("legacy (non-zip) torch pickle: storages that sit unaligned after the pickles are copied "
+                "when read; convert it to .safetensors for fast access")
 
 
 class TorchCheckpoint(Checkpoint):
-    """A torch pickle loaded lazily (mmap or meta); tensors stay where torch.load put them."""
+    """A torch pickle read inertly: the selected state dict lists from the pickle alone; tensors
+    are views of a memory map of the file (None for a remote listing, which has no bytes).
 
-    def __init__(self, source: str, obj, format_name: str) -> None:
+    Beside the base fields, ``selection`` is the whole ``selection.Selection`` (its report
+    methods render the choice, the alternatives and the accounting).
+    """
+
+    def __init__(self, source: str, contents: Contents, storages: MappedStorages | None,
+                 select: str | None = None) -> None:
         super().__init__(source)
-        self.format = format_name
-        state, self.wrapper, self.extras = unwrap(obj, source)
-        self._state = state
-        self._root = obj  # the extras' values (convert --extras); costs nothing, torch.load made it
-        self._metas = {name: TensorMeta.from_tensor(name, t) for name, t in state.items()}
-        self.aliases = _alias_groups(state)
+        self.format = contents.format
+        selection = choose(contents.root, source, select)
+        self.selection = selection
+        self.wrapper, self.extras = selection.wrapper, dict(selection.extras)
+        self.alternatives, self.accounting = list(selection.alternatives), selection.accounting
+        self.not_executed = {name: list(paths) for name, paths in selection.not_executed.items()}
+        for name in contents.not_executed:  # named by the pickle but left behind in no entry
+            self.not_executed.setdefault(name, [])
+        self.notes = [*contents.notes, *selection.notes, *_summary(selection, self.not_executed)]
+        self._root, self._refs, self._storages = contents.root, selection.state, storages
+        self._metas = {name: TensorMeta.of(name, ref.shape, ref.dtype) for name, ref in self._refs.items()}
+        self.aliases = _alias_groups(self._refs)
+
+    def byte_span(self, key: str) -> tuple[Path, int, int] | None:
+        """(file, offset, nbytes) when the tensor's bytes are one contiguous range of a local file."""
+        if self._storages is None:
+            return None
+        return self._storages.byte_span(self._refs[key])
 
     def _load_tensor(self, key: str):
-        tensor = self._state[key]
-        if tensor.device.type == "meta":
-            raise UsageError("tensor bytes are not available from a remote listing", path=self.source,
-                             key=key, fix="download the file first (ckpt download) and open the local copy")
-        return tensor
-
-    def pickled_root(self):
-        return self._root
+        if self._storages is None:
+            raise UsageError("tensor bytes are not available from a remote listing", path=self.source, key=key,
+                             fix="download the file first (ckpt download) and open the local copy")
+        return self._storages.tensor(self._refs[key])
 
     def extra_values(self) -> dict[str, object]:
-        return extra_values(self._root, self.wrapper, self.extras)
+        """The values behind ``extras``; objects that were not executed are shown as what the
+        pickle said (``inert.plain``), so a Namespace's fields can be written as JSON."""
+        return {name: plain(value) for name, value in self.selection.extra_values.items()}
+
+    def pickled_root(self):
+        """The whole object with real tensors (for rewriting the pickle); refused when it holds
+        objects that were not executed, which cannot be written back as they were."""
+        if self._storages is None:
+            raise UsageError("tensor bytes are not available from a remote listing", path=self.source,
+                             fix="download the file first (ckpt download) and open the local copy")
+        found = [name for name in self.not_executed if self.not_executed[name]]
+        if found:
+            raise UsageError(f"the pickle holds objects that were not executed ({', '.join(found[:4])}), which "
+                             "cannot be written back", path=self.source,
+                             fix="convert it to safetensors with `ckpt convert` instead")
+        return _materialised(self._root, self._storages, self.source)
 
     def close(self) -> None:
-        self._state = {}
-        self._root = None
+        if self._storages is not None:
+            self._storages.close()
+        self._root, self._refs = None, {}
 
 
-def _alias_groups(state: Mapping) -> list[list[str]]:
-    """Names that view the same bytes (same storage, offset, shape and stride)."""
+def _alias_groups(refs: dict[str, TensorRef]) -> list[list[str]]:
+    """Names that view the same bytes (same storage, offset, shape, stride and dtype)."""
     groups: dict[tuple, list[str]] = {}
-    for name, tensor in state.items():
-        storage = tensor.untyped_storage()
-        where = storage.data_ptr() if tensor.device.type != "meta" else storage._cdata
-        if tensor.device.type != "meta" and where == 0:
-            where = ("empty", name)  # zero-size storages all share address 0
-        key = (where, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
-        groups.setdefault(key, []).append(name)
+    for name, ref in refs.items():
+        if math.prod(ref.shape):
+            groups.setdefault(ref.identity(), []).append(name)
     return [names for names in groups.values() if len(names) > 1]
 
 
-def open_zip_path(path: Path, source: str) -> Checkpoint:
-    """A plain state dict is listed without torch (see torch_zip.py); anything else, or a file
-    that reader cannot vouch for, goes through torch.load(weights_only=True, mmap=True)."""
-    check_zip_records(path, source)  # torch would inflate a compressed record fully in memory
+def _summary(selection, not_executed: dict[str, list[str]]) -> list[str]:
+    """One line each for what else the file holds, so nothing goes unmentioned."""
+    lines = [f"also found: {a.select} ({a.tensors} tensors, {a.nbytes:,} bytes): --select {a.select}"
+             for a in selection.alternatives]
+    accounting = selection.accounting
+    if any(b.kind != "selected" for b in accounting.buckets):
+        elsewhere = ", ".join(f"{b.tensors} {b.kind} under {b.path or TOP} ({b.nbytes:,} bytes)"
+                              for b in accounting.buckets if b.kind != "selected")
+        lines.append(f"the file holds {accounting.tensors} tensors ({accounting.nbytes:,} bytes); besides the "
+                     f"selected ones: {elsewhere}")
+    if not_executed:
+        outer = _outermost(not_executed)
+        shown = [f"{name} at {', '.join(p or TOP for p in paths[:3]) or '(no entry)'}"
+                 + (f" (+{len(paths) - 3})" if len(paths) > 3 else "") for name, paths in outer.items()]
+        inner = len(not_executed) - len(outer)
+        lines.append(f"not executed (read inertly, never imported or called): {'; '.join(shown)}"
+                     + (f"; and {inner} more globals inside them" if inner else ""))
+    return lines
+
+
+def _outermost(not_executed: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The placeholders that do not sit inside another one (a DictConfig, not its nodes)."""
+    every = {path for paths in not_executed.values() for path in paths}
+
+    def inside(path: str) -> bool:
+        if path and "" in every:
+            return True
+        cut = path.rfind(".")
+        while cut > 0:
+            if path[:cut] in every:
+                return True
+            cut = path.rfind(".", 0, cut)
+        return False
+
+    outer = {name: [p for p in paths if not inside(p)] for name, paths in not_executed.items()}
+    return {name: paths for name, paths in outer.items() if paths or not not_executed[name]}
+
+
+def _materialised(root, storages: MappedStorages, source: str):
+    """``root`` with TensorRefs as tensors (shared storages stay shared), dtype, device and size
+    names as torch objects; containers keep their types."""
+    import torch
+
+    done: dict[int, object] = {}
+
+    def convert(value, depth: int):
+        if depth > 200:
+            raise UsageError("the pickle nests too deeply to be written back", path=source,
+                             fix="convert it to safetensors with `ckpt convert` instead")
+        if isinstance(value, TensorRef):
+            tensor = storages.tensor(value)
+            return torch.nn.Parameter(tensor, requires_grad=False) if value.parameter else tensor
+        if isinstance(value, TorchName):
+            return _torch_value(value, source)
+        if is_inert(value):
+            raise UsageError(f"the pickle holds {value!r:.80}, which cannot be written back", path=source,
+                             fix="convert it to safetensors with `ckpt convert` instead")
+        if id(value) in done:
+            return done[id(value)]
+        if isinstance(value, dict):
+            out = OrderedDict() if isinstance(value, OrderedDict) else {}
+            done[id(value)] = out
+            out.update((k, convert(v, depth + 1)) for k, v in value.items())
+            return out
+        if isinstance(value, list):
+            out = []
+            done[id(value)] = out
+            out.extend(convert(v, depth + 1) for v in value)
+            return out
+        if isinstance(value, tuple):
+            items = tuple(convert(v, depth + 1) for v in value)
+            return torch.Size(items) if type(value).__name__ == "Size" else items
+        if isinstance(value, set | frozenset):
+            return type(value)(convert(v, depth + 1) for v in value)
+        return value
+
+    return convert(root, 0)
+
+
+def _torch_value(name: TorchName, source: str):
+    import torch
+
+    if name.kind == "device":
+        return torch.device(str(name))
+    attribute = str(name).removeprefix("torch.")
+    value = getattr(torch, attribute, None) if "." not in attribute else None
+    if value is None:
+        raise UsageError(f"{name} has no torch counterpart here", path=source,
+                         fix="convert it to safetensors with `ckpt convert` instead")
+    return value
+
+
+def check_options(options: dict, source: str) -> tuple[str | None, bool]:
+    """(select, inert) from a reader's options; anything else is a UsageError."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise UsageError(f"unknown option {', '.join(unknown)}", path=source,
+                         fix=f"options of a torch checkpoint: {', '.join(OPTIONS)}")
+    select, inert = options.get("select"), options.get("inert", False)
+    if select is not None and not isinstance(select, str):
+        raise UsageError("select takes a dotted path (a string)", path=source, fix="e.g. select='model_ema'")
+    return select, bool(inert)
+
+
+def open_zip_path(path: Path, source: str, **options) -> TorchCheckpoint:
+    select, inert = check_options(options, source)
+    check_zip_records(path, source)  # a compressed record that inflates absurdly is refused before any read
     with path.open("rb") as handle:
-        shallow = try_open(handle, source, path, load_zip_path)
-    return shallow or load_zip_path(path, source)
+        contents = read_zip(handle, source, inert=inert)
+    return TorchCheckpoint(source, contents, MappedStorages(path, contents.spans), select)
 
 
-def load_zip_path(path: Path, source: str) -> TorchCheckpoint:
-    return TorchCheckpoint(source, _torch_load(source, str(path), mmap=True, map_location="cpu"), "torch-zip")
-
-
-def open_zip_fileobj(fileobj: BinaryIO, source: str, size: int) -> Checkpoint:
+def open_zip_fileobj(fileobj: BinaryIO, source: str, size: int, **options) -> TorchCheckpoint:
+    """A remote (range-read) file: the listing only, no tensor bytes."""
+    select, inert = check_options(options, source)
     check_zip_records(fileobj, source)
-    shallow = try_open(fileobj, source, None, load_zip_path)
-    return shallow or TorchCheckpoint(source, _torch_load(source, fileobj, map_location="meta"), "torch-zip")
+    try:
+        contents = read_zip(fileobj, source, locate=False, inert=inert)
+    finally:
+        fileobj.seek(0)
+    return TorchCheckpoint(source, contents, None, select)
 
 
-def open_legacy_path(path: Path, source: str) -> TorchCheckpoint:
-    checkpoint = TorchCheckpoint(source, _torch_load(source, str(path), map_location="cpu"), "torch-legacy")
-    checkpoint.notes.append("legacy (non-zip) torch pickle: read in full, since it cannot be memory-mapped; "
-                            "convert it to .safetensors for fast access")
-    checkpoint.bytes_read = path.stat().st_size
+def open_legacy_path(path: Path, source: str, **options) -> TorchCheckpoint:
+    select, inert = check_options(options, source)
+    with path.open("rb") as handle:
+        contents = read_legacy(handle, source, inert=inert)
+    checkpoint = TorchCheckpoint(source, contents, MappedStorages(path, contents.spans), select)
+    checkpoint.notes.append(_LEGACY_NOTE)
     return checkpoint
