@@ -9,9 +9,8 @@ pickle that confuses the simulation still cannot hide an import.
 The allow-list is the one ``torch.load(weights_only=True)`` uses, read from torch when a scan
 runs, plus whatever the caller registered with ``torch.serialization.add_safe_globals``.
 
-This module sits below the readers: they call ``check_zip_records`` before torch inflates a zip,
-and ``unsafe_pickle_error`` to turn a weights-only refusal into one line that says whether the
-file is hostile or merely damaged. ``scan.py`` resolves SOURCEs and reports on top of it.
+This module sits below the readers: they call ``check_zip_records`` before reading a zip, so a
+record that inflates absurdly is refused first. ``scan.py`` resolves SOURCEs and reports on top.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from .errors import InvalidCheckpointError, UnsafePickleError
+from .errors import InvalidCheckpointError
 from .magic import HEAD_BYTES, detect
 from .render import markdown_table, rich_table
 
@@ -541,30 +540,3 @@ def unsafe_globals(fileobj_or_path: str | os.PathLike | BinaryIO) -> list[str]:
         return scan_file(fileobj_or_path, str(getattr(fileobj_or_path, "name", "<file object>"))).offenders
     with open(fileobj_or_path, "rb") as handle:
         return scan_file(handle, str(fileobj_or_path)).offenders
-
-
-def weights_only_reason(exc: BaseException) -> str:
-    """The one informative line of torch's weights-only refusal (it wraps it in boilerplate)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    useful = [line for line in lines[1:] if not line.startswith(("Check the documentation", "Please file an issue"))]
-    return (useful or lines or [type(exc).__name__])[0][:200]
-
-
-def unsafe_pickle_error(fileobj_or_path, source: str, cause: BaseException | None = None) -> Exception:
-    """The error a reader raises when ``torch.load(weights_only=True)`` refused a file.
-
-    An UnsafePickleError naming every offending global when the scan finds some; otherwise an
-    InvalidCheckpointError carrying torch's own reason (the file is broken, not hostile).
-    """
-    try:
-        offenders = unsafe_globals(fileobj_or_path)
-    except (InvalidCheckpointError, OSError) as exc:
-        offenders, cause = [], cause or exc
-    if offenders:
-        return UnsafePickleError(
-            f"the pickle needs globals that safe (weights_only) loading refuses: {', '.join(offenders)}; "
-            "it was not executed", globals_=offenders, path=source,
-            fix=f"run `ckpt scan {source}` to see what they would do; only load files you trust")
-    reason = weights_only_reason(cause) if cause is not None else "unknown reason"
-    return InvalidCheckpointError(f"corrupt pickle: the weights-only loader refused it ({reason})", path=source,
-                                  fix=f"the file is damaged: download or save it again (`ckpt scan {source}` shows its imports)")

@@ -306,8 +306,8 @@ def test_select_on_safetensors_is_a_usage_error(tmp_path):
 # -- rewriting the pickle ----------------------------------------------------------------------
 
 def test_remap_rewrites_a_training_file_with_its_scalars(tmp_path):
-    from ckpt_tools.remap_file import remap_checkpoint
     from ckpt_tools.remap import rules_from_cli
+    from ckpt_tools.remap_file import remap_checkpoint
 
     weights = {"_orig_mod.w": torch.arange(6.0).reshape(2, 3), "_orig_mod.b": torch.ones(2)}
     src = save({"model": weights, "best_val_loss": torch.tensor(1.5), "iter_num": 7}, tmp_path / "ckpt.pt", "zip")
@@ -319,8 +319,8 @@ def test_remap_rewrites_a_training_file_with_its_scalars(tmp_path):
 
 
 def test_remap_refuses_a_pickle_holding_objects_not_executed(tmp_path):
-    from ckpt_tools.remap_file import remap_checkpoint
     from ckpt_tools.remap import rules_from_cli
+    from ckpt_tools.remap_file import remap_checkpoint
 
     src = save({"state_dict": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1)}, tmp_path / "t.pt", "zip")
     with pytest.raises(UsageError) as info:

@@ -20,8 +20,8 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from ckpt_tools.errors import CheckpointNotFoundError, InvalidCheckpointError
-from ckpt_tools.pickle_safety import unsafe_pickle_error
+from ckpt_tools.errors import CheckpointNotFoundError, InvalidCheckpointError, UnsafePickleError
+from ckpt_tools.formats import open_checkpoint
 from ckpt_tools.scan import scan_pickle, unsafe_globals
 
 
@@ -359,13 +359,12 @@ def test_hf_sharded_index_scans_every_shard_at_one_commit(tmp_path, monkeypatch)
 
 def test_refusal_error_names_every_global_and_the_scan_command(tmp_path):
     path = save_zip(tmp_path / "e.pt", {"a": touch(tmp_path / "p"), "b": Reduce(builtins.eval, "1")})
-    error = unsafe_pickle_error(path, str(path))
-    assert error.globals == [SYSTEM, "builtins.eval"]
-    assert f"ckpt scan {path}" in error.one_line()
-    assert "\n" not in error.one_line()
-    broken = tmp_path / "broken.pt"
-    broken.write_bytes(b"\x80\x02]q")
-    assert type(unsafe_pickle_error(broken, str(broken), ValueError("boom"))).__name__ == "InvalidCheckpointError"
+    with pytest.raises(UnsafePickleError) as refused:
+        open_checkpoint(path)
+    assert refused.value.globals == [SYSTEM, "builtins.eval"]
+    assert f"ckpt scan {path}" in refused.value.one_line()
+    assert "\n" not in refused.value.one_line()
+    assert not (tmp_path / "p").exists()
 
 
 # -- CLI ------------------------------------------------------------------------------------
