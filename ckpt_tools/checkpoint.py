@@ -28,6 +28,7 @@ class Checkpoint:
       notes    things the user should know about how the file was read
       aliases  groups of names that share one tensor (same storage, offset, shape, stride)
       files    the local files it reads (an index and its shards); empty when remote
+      picked, other_files   when SOURCE was a folder: the file read, the folder's other files
       alternatives  other state dicts found beside the selected one, best first
                (``selection.Alternative``: path, kind, tensors, nbytes, select); [] where the
                format holds one state dict
@@ -54,6 +55,8 @@ class Checkpoint:
         self.bytes_read: int | None = None
         self.commit: str | None = None  # the hub commit a remote checkpoint was read at
         self.files: list[Path] = []
+        self.picked: str | None = None
+        self.other_files: list[str] = []
 
     # -- listing (no tensor bytes) --
     def keys(self) -> list[str]:

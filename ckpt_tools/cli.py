@@ -86,6 +86,16 @@ def remap_options(func):
     return func
 
 
+def reader_options(func):
+    """``--select PATH`` and ``--inert``, shared by the commands that read a checkpoint's tensors or keys."""
+    func = click.option("--inert", is_flag=True,
+                        help="Read a pickle that names code-running globals without running anything (by "
+                             "default such a file is refused; nothing is ever imported or called).")(func)
+    return click.option("--select", metavar="PATH",
+                        help="The state dict to take inside a training checkpoint, as a dotted path "
+                             "(e.g. model_ema); by default it is chosen by content.")(func)
+
+
 def rules_from_options(kwargs: dict):
     """Pop the remap flags from a command's kwargs and build the rule list (None when empty)."""
     return rules_from_cli(
@@ -184,16 +194,22 @@ def cli() -> None:
 @click.option("--filter", "pattern", metavar="GLOB", help="Only keys matching this glob (e.g. 'perceiver.*').")
 @click.option("--depth", type=click.IntRange(min=1), default=3, show_default=True,
               help="Module-prefix depth of the grouping (numbered layers count as part of their module).")
+@click.option("--keys/--modules", "keys", default=None,
+              help="One row per tensor (name, shape, dtype, bytes), or per module; by default per tensor when "
+                   "there are at most 40.")
+@reader_options
 @format_option(html=True)
-def inspect(source: str, pattern: str | None, depth: int) -> None:
+def inspect(source: str, pattern: str | None, depth: int, keys: bool | None, select: str | None,
+            inert: bool) -> None:
     """Show keys, shapes, dtypes, params, bytes, aliases and extras without loading tensors.
 
     \b
     Example:
       ckpt inspect checkpoint.pt --depth 2
       ckpt inspect hf://openflamingo/OpenFlamingo-3B-vitl-mpt1b/checkpoint.pt --format json
+      ckpt inspect last.ckpt --select state_dict_ema --keys
     """
-    emit(inspect_checkpoint(source, filter=pattern, depth=depth))
+    emit(inspect_checkpoint(source, filter=pattern, depth=depth, keys=keys, select=select, inert=inert))
 
 
 # --- remap ---
@@ -202,8 +218,9 @@ def inspect(source: str, pattern: str | None, depth: int) -> None:
 @click.argument("dst")
 @remap_options
 @click.option("--force", is_flag=True, help="Overwrite DST if it exists (never the source itself).")
+@reader_options
 @format_option
-def remap(src: str, dst: str, force: bool, **kwargs) -> None:
+def remap(src: str, dst: str, force: bool, select: str | None, inert: bool, **kwargs) -> None:
     """Rewrite the keys of SRC into DST, keeping the format.
 
     safetensors stays safetensors (a sharded folder stays sharded); a torch pickle is written with
@@ -212,10 +229,10 @@ def remap(src: str, dst: str, force: bool, **kwargs) -> None:
 
     \b
     Example:
-      ckpt remap train.pt clean.pt --preset ddp --drop '*.num_batches_tracked'
+      ckpt remap train.pt clean.pt --remap-preset ddp --drop '*.num_batches_tracked'
       ckpt remap model.safetensors out.safetensors --rename '^transformer\\.=model.'
     """
-    emit(remap_checkpoint(src, dst, rules=rules_from_options(kwargs), force=force))
+    emit(remap_checkpoint(src, dst, rules=rules_from_options(kwargs), force=force, select=select, inert=inert))
 
 
 # --- convert ---
@@ -232,9 +249,10 @@ def remap(src: str, dst: str, force: bool, **kwargs) -> None:
 @click.option("--force", is_flag=True, help="Overwrite existing outputs (never the source itself).")
 @click.option("--extras", "extras_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the non-tensor entries (epoch, config...) that are JSON-able to FILE.")
+@reader_options
 @format_option
 def convert(src: str, dst: str, dtype: str | None, max_shard_size: str | None, verify: bool, force: bool,
-            extras_path: str | None, **kwargs) -> None:
+            extras_path: str | None, select: str | None, inert: bool, **kwargs) -> None:
     """Convert SRC (.pt, .bin, .safetensors, a sharded index or folder) to safetensors at DST.
 
     DST is one .safetensors file, or with --max-shard-size (or when DST is a folder) shards named
@@ -244,12 +262,12 @@ def convert(src: str, dst: str, dtype: str | None, max_shard_size: str | None, v
 
     \b
     Example:
-      ckpt convert checkpoint.pt model.safetensors --preset ddp --extras extras.json
+      ckpt convert checkpoint.pt model.safetensors --remap-preset ddp --extras extras.json
       ckpt convert pytorch_model.bin.index.json out/ --max-shard-size 2GB --dtype bf16
     """
     result = convert_to_safetensors(src, dst, rules=rules_from_options(kwargs), dtype=dtype,
                                     max_shard_size=max_shard_size, verify=verify, force=force,
-                                    extras_path=extras_path)
+                                    extras_path=extras_path, select=select, inert=inert)
     emit(result)
 
 
@@ -270,9 +288,11 @@ def _expect_options(func):
 @click.option("--against", metavar="SOURCE2", help="Compare with another checkpoint's keys.")
 @remap_options
 @_expect_options
+@reader_options
 @format_option(html=True)
 def diff(source: str, model: str | None, model_config: str | None, against: str | None,
-         expect_missing: tuple[str, ...], require: tuple[str, ...], **kwargs) -> None:
+         expect_missing: tuple[str, ...], require: tuple[str, ...], select: str | None, inert: bool,
+         **kwargs) -> None:
     """Key report of SOURCE against a model: matched, cast, shape mismatches, missing, unexpected.
 
     Missing keys are split into expected (frozen in the model, --expect-missing, the preset's
@@ -286,7 +306,7 @@ def diff(source: str, model: str | None, model_config: str | None, against: str 
       ckpt diff new.safetensors --against old.safetensors --format markdown
     """
     report = diff_keys(source, target_from_options(model, model_config, against), remap=rules_from_options(kwargs),
-                       expect_missing=expect_missing, require=require)
+                       expect_missing=expect_missing, require=require, select=select, inert=inert)
     emit(report)
     sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
 
@@ -315,11 +335,12 @@ def diff(source: str, model: str | None, model_config: str | None, against: str 
               help="With --load on a model built for real: accept parameters that stay randomly initialised.")
 @click.option("--device", default="meta", show_default=True,
               help="Where to build the model; on meta only loaded tensors are materialised (on cpu).")
+@reader_options
 @format_option(html=True)
 def validate(source: str, model: str | None, model_config: str | None, expect_missing: tuple[str, ...],
              require: tuple[str, ...], revision: str | None, endpoint: str | None, cache_dir: str | None,
-             lock_file: str | None, convert_to: str | None, overwrite: bool, do_load: bool, force: bool, allow_random: bool,
-             device: str, **kwargs) -> None:
+             lock_file: str | None, convert_to: str | None, overwrite: bool, do_load: bool, force: bool,
+             allow_random: bool, device: str, select: str | None, inert: bool, **kwargs) -> None:
     """Validate a checkpoint: pin, inspect, diff (remotely first), download, convert, load: one verdict.
 
     SOURCE is a local file or folder, hf://ORG/NAME[@REVISION]/PATH, or ORG/NAME with --revision
@@ -337,7 +358,7 @@ def validate(source: str, model: str | None, model_config: str | None, expect_mi
                           expect_missing=expect_missing, require=require, load=do_load, force=force,
                           device=device, revision=revision, endpoint=endpoint, cache_dir=cache_dir,
                           lock=lock_file, convert=convert_to, overwrite=overwrite,
-                          allow_random=allow_random)
+                          allow_random=allow_random, select=select, inert=inert)
     emit(report)
     sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import Checkpoint
 from .convert_plan import (
     INDEX_NAME,
     SHARD_PATTERN,
@@ -31,7 +32,7 @@ from .convert_plan import (
     Planned,
     plan_conversion,
 )
-from .errors import IntegrityError, OutputExistsError, UsageError
+from .errors import IntegrityError, InvalidCheckpointError, OutputExistsError, UsageError
 from .formats import open_checkpoint
 from .formats.safetensors import parse_header
 from .fs import AtomicFile, AtomicFolder, check_outputs, disk_full_as_error
@@ -40,6 +41,7 @@ from .render import human_bytes, markdown_table, rich_table
 from .safetensors_writer import FileRange, chunk_bytes_view, tensor_chunks, write_safetensors
 from .version import VERSION
 
+MIN_SELECTED_FRACTION = 0.5  # of the file's non-optimizer tensor bytes, for a choice made by content
 ALIASES_KEY = "ckpt_tools.aliases"  # metadata: JSON {removed alias: stored name}
 VERIFY_CHUNK = 16 * 1024 * 1024
 
@@ -133,11 +135,15 @@ def _replaced_by_output(name: str) -> bool:
 def convert_to_safetensors(src: str | Path, dst: str | Path, *, rules=None,
                            dtype: str | None = None, max_shard_size: str | int | None = None,
                            verify: bool = True, force: bool = False,
-                           extras_path: str | Path | None = None) -> ConversionResult:
+                           extras_path: str | Path | None = None, select: str | None = None,
+                           inert: bool = False) -> ConversionResult:
     """Convert any checkpoint the readers open to one ``.safetensors`` file or a sharded folder.
-    ``rules``: remap rules in any form ``remap.coerce_rules`` takes."""
+    ``rules``: remap rules in any form ``remap.coerce_rules`` takes; ``select``/``inert``: as
+    ``open_checkpoint``. A state dict chosen by content that holds less than half of the file's
+    tensor bytes is refused unless ``select`` names it (weights must not disappear silently)."""
     rules = coerce_rules(rules)
-    with open_checkpoint(src) as checkpoint:
+    with open_checkpoint(src, select=select, inert=inert) as checkpoint:
+        _check_selection(checkpoint)
         plan = plan_conversion(checkpoint.metas(), checkpoint.aliases, rules, dst, dtype=dtype,
                                max_shard_size=max_shard_size, source=str(src))
         extras_file = Path(extras_path) if extras_path else None
@@ -157,6 +163,28 @@ def convert_to_safetensors(src: str | Path, dst: str | Path, *, rules=None,
             extras_path=str(extras_file) if extras_file else None,
             unmatched_rules=[r.to_dict() for r in plan.remap.unmatched_rules], notes=list(checkpoint.notes))
     return result
+
+
+def _check_selection(checkpoint: Checkpoint) -> None:
+    """Refuse to convert a state dict chosen by content that holds a minority of the file's
+    model-like tensor bytes: the rest would be left behind without a word. Optimizer state is not
+    counted (it is never a model, and Adam's is twice the weights)."""
+    accounting = checkpoint.accounting
+    if accounting is None or accounting.explicit:
+        return
+    counted = [b for b in accounting.buckets if b.kind != "optimizer"]
+    total = sum(b.nbytes for b in counted)
+    selected = sum(b.nbytes for b in counted if b.kind == "selected")
+    if not total or selected / total >= MIN_SELECTED_FRACTION:
+        return
+    others = [b for b in counted if b.kind != "selected"]
+    biggest = max(others, key=lambda b: b.nbytes)
+    shown = ", ".join(f"{b.path} ({b.kind}, {b.tensors} tensors, {b.nbytes:,} bytes)" for b in others[:4])
+    raise InvalidCheckpointError(
+        f"the state dict chosen ({checkpoint.wrapper or 'the top level'}) holds {selected / total:.0%} of the "
+        f"file's {total:,} bytes of tensors outside optimizer state; the rest: {shown}",
+        path=checkpoint.source, fix=f"name what to convert with --select (e.g. --select {biggest.path}), "
+                                    f"or --select {checkpoint.wrapper or '.'} to keep this choice")
 
 
 def _provenance(src: str | Path, checkpoint, rules: Sequence[Rule] | None, aliases: dict[str, str]) -> dict[str, str]:

@@ -327,7 +327,8 @@ class _Expectations:
 
 
 def diff_keys(checkpoint, target, *, remap=None, expect_missing: Sequence[str] = (),
-              require: Sequence[str] = (), preset=None) -> KeyReport:
+              require: Sequence[str] = (), preset=None, select: str | None = None,
+              inert: bool = False) -> KeyReport:
     """Compare a checkpoint's keys with a target's; never loads tensor bytes.
 
     ``checkpoint``: a Checkpoint, a path or hf:// reference, or a mapping of TensorMeta (or tensors).
@@ -335,9 +336,9 @@ def diff_keys(checkpoint, target, *, remap=None, expect_missing: Sequence[str] =
     (.json/.toml), another checkpoint, or a mapping of TensorMeta.
     ``remap``: rules (Rule objects or rules-file dicts) applied to the checkpoint's keys before the
     preset's own remap. ``preset``: a preset whose remap, expectations and hints apply to a target
-    given as a model (``load_checkpoint`` passes it).
+    given as a model (``load_checkpoint`` passes it). ``select``/``inert``: as ``open_checkpoint``.
     """
-    ck, opened = open_side(checkpoint)
+    ck, opened = open_side(checkpoint, select=select, inert=inert)
     try:
         side = resolve_target(target)
     finally:

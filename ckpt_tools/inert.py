@@ -862,13 +862,11 @@ class MappedStorages:
         return self.path, start + first, ref.nbytes
 
     def close(self) -> None:
+        # The map is released, never closed: torch.frombuffer keeps the mmap object alive but holds
+        # no buffer export, so closing it would unmap the memory under tensors already handed out
+        # (a crash on their next read). Dropped here, it is unmapped once the last tensor goes.
         self._bases.clear()
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:
-                pass  # tensors handed out still view it; the map goes when they do
-            self._map = None
+        self._map = None
 
 
 # ---------------------------------------------------------------------------------------------

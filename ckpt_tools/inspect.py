@@ -6,10 +6,14 @@ import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checkpoint import Checkpoint
+from .errors import UsageError
 from .formats import open_checkpoint
 from .meta import TensorMeta
 from .naming import collapse, module_prefix
 from .render import human_bytes, human_count, markdown_table, rich_table
+
+LEAF_ROWS = 40  # a listing this short shows every tensor, not module groups
 
 
 @dataclass
@@ -40,6 +44,11 @@ class InspectReport:
     notes: list[str] = field(default_factory=list)
     bytes_read: int | None = None
     depth: int = 3
+    selection: dict | None = None  # a pickle's: {"path", "file", "alternatives", "accounting"}
+    not_executed: list[str] = field(default_factory=list)  # globals a pickle named, read inertly
+    other_files: list[str] = field(default_factory=list)  # a folder's files beside the one read
+    file_tensors: int | None = None  # every tensor the file holds, when it holds more than the listing
+    show_keys: bool | None = None  # one row per tensor; None: when there are few (LEAF_ROWS)
 
     @property
     def unique(self) -> dict[str, TensorMeta]:
@@ -56,8 +65,10 @@ class InspectReport:
         return sum(m.nbytes for m in self.unique.values())
 
     def groups(self) -> list[Group]:
+        """Tensors by module prefix, numbered layers collapsed; a tied tensor counts once, in the
+        group of its first name (as in the totals)."""
         by_prefix: dict[str, list[TensorMeta]] = {}
-        for meta in self.tensors.values():
+        for meta in self.unique.values():
             by_prefix.setdefault(module_prefix(meta.name, self.depth) or meta.name, []).append(meta)
         merged = collapse(by_prefix)
         return [_group(name, [m for p in members for m in by_prefix[p]]) for name, members in merged.items()]
@@ -77,13 +88,16 @@ class InspectReport:
                         "dtypes": g.dtypes} for g in self.groups()],
             "notes": self.notes,
             "bytes_read": self.bytes_read,
+            "selection": self.selection,
+            "not_executed": list(self.not_executed),
+            "other_files": list(self.other_files),
         }
 
     def _summary_lines(self) -> list[str]:
-        lines = [f"source: {self.source}", f"format: {self.format}" + (f" (state dict under '{self.wrapper}')"
-                                                                       if self.wrapper else ""),
-                 f"tensors: {len(self.tensors)}, params: {self.total_params:,} ({human_count(self.total_params)}), "
-                 f"bytes: {self.total_bytes:,} ({human_bytes(self.total_bytes)})"]
+        where = f" (state dict under '{self.wrapper}')" if self.wrapper else ""
+        lines = [f"source: {self.source}", f"format: {self.format}{where}",
+                 f"tensors: {len(self.tensors)}, params: {_both(self.total_params, human_count)}, "
+                 f"bytes: {_both(self.total_bytes, human_bytes)}"]
         if self.bytes_read is not None:
             lines.append(f"bytes read to list it: {self.bytes_read:,}")
         lines += [f"aliases: {' = '.join(group)}" for group in self.aliases]
@@ -92,18 +106,34 @@ class InspectReport:
         lines += [f"note: {note}" for note in self.notes]
         return lines
 
+    def _leaves(self) -> bool:
+        return self.show_keys if self.show_keys is not None else len(self.tensors) <= LEAF_ROWS
+
+    def _table(self) -> tuple[list[str], list[list[object]]]:
+        if self._leaves():
+            return (["key", "shape", "dtype", "bytes"],
+                    [[m.name, "x".join(map(str, m.shape)) or "scalar", m.dtype, human_bytes(m.nbytes)]
+                     for m in self.tensors.values()])
+        return ["module", "keys", "params", "bytes", "dtypes"], [g.row() for g in self.groups()]
+
     def rich_table(self):
         from rich.console import Group as RichGroup
         from rich.text import Text
 
-        table = rich_table(None, ["module", "keys", "params", "bytes", "dtypes"],
-                           [g.row() for g in self.groups()], justify_right=("keys", "params", "bytes"))
+        headers, rows = self._table()
+        table = rich_table(None, headers, rows, justify_right=("keys", "params", "bytes"))
         return RichGroup(*(Text(line) for line in self._summary_lines()), table)
 
     def to_markdown(self) -> str:
         summary = "\n".join(f"- {line}" for line in self._summary_lines())
-        table = markdown_table(["module", "keys", "params", "bytes", "dtypes"], [g.row() for g in self.groups()])
-        return f"### {Path(self.source).name}\n\n{summary}\n\n{table}\n"
+        headers, rows = self._table()
+        return f"### {Path(self.source).name}\n\n{summary}\n\n{markdown_table(headers, rows)}\n"
+
+
+def _both(n: int, short) -> str:
+    """``1,234,567 (1.23M)``; a number short enough to need no abbreviation is written once."""
+    text = short(n)
+    return f"{n:,}" if text in (str(n), f"{n} B") else f"{n:,} ({text})"
 
 
 def _group(name: str, metas: list[TensorMeta]) -> Group:
@@ -111,15 +141,38 @@ def _group(name: str, metas: list[TensorMeta]) -> Group:
                  sorted({m.dtype for m in metas}))
 
 
+def listing(checkpoint: Checkpoint, source: str, *, pattern: str | None = None, depth: int = 3,
+            show_keys: bool | None = None) -> InspectReport:
+    """The InspectReport of an open checkpoint (``inspect_checkpoint`` and ``validate`` both list
+    with it); ``pattern`` keeps the keys matching a glob and must match one."""
+    tensors = checkpoint.metas()
+    if pattern:
+        tensors = {k: v for k, v in tensors.items() if fnmatch.fnmatchcase(k, pattern)}
+        if not tensors:
+            raise UsageError(f"--filter {pattern!r} matches none of the {len(checkpoint)} keys", path=source,
+                             fix="globs match the whole key and are case-sensitive, e.g. 'perceiver.*'")
+    aliases = [[n for n in group if n in tensors] for group in checkpoint.aliases]
+    selection = getattr(checkpoint, "selection", None)
+    chosen = {"path": checkpoint.wrapper, "file": checkpoint.picked,
+              "alternatives": [a.to_dict() for a in checkpoint.alternatives],
+              "accounting": checkpoint.accounting.to_dict() if checkpoint.accounting else None}
+    if selection is None and checkpoint.picked is None:
+        chosen = None
+    return InspectReport(
+        source=str(source), format=checkpoint.format, wrapper=checkpoint.wrapper, tensors=tensors,
+        aliases=[g for g in aliases if len(g) > 1], extras=dict(checkpoint.extras),
+        metadata=dict(checkpoint.metadata), notes=list(checkpoint.notes), bytes_read=checkpoint.bytes_read,
+        depth=depth, selection=chosen, not_executed=sorted(checkpoint.not_executed),
+        other_files=list(checkpoint.other_files), show_keys=show_keys)
+
+
 def inspect_checkpoint(source: str | Path, *, filter: str | None = None, depth: int = 3,
-                       **options) -> InspectReport:
-    """List keys, shapes, dtypes, aliases, extras and metadata of any checkpoint without its bytes."""
-    with open_checkpoint(source, **options) as ckpt:
-        tensors = ckpt.metas()
-        if filter:
-            tensors = {k: v for k, v in tensors.items() if fnmatch.fnmatchcase(k, filter)}
-        aliases = [[n for n in group if n in tensors] for group in ckpt.aliases]
-        return InspectReport(
-            source=str(source), format=ckpt.format, wrapper=ckpt.wrapper, tensors=tensors,
-            aliases=[g for g in aliases if len(g) > 1], extras=dict(ckpt.extras), metadata=dict(ckpt.metadata),
-            notes=list(ckpt.notes), bytes_read=getattr(ckpt, "bytes_read", None), depth=depth)
+                       keys: bool | None = None, select: str | None = None, inert: bool = False,
+                       **remote) -> InspectReport:
+    """List keys, shapes, dtypes, aliases, extras and metadata of any checkpoint without its bytes.
+
+    ``filter``: a glob the keys must match (one must); ``keys``: one table row per tensor (by
+    default when there are at most ``LEAF_ROWS``); ``select``/``inert``: as ``open_checkpoint``;
+    ``remote``: hub options (``revision``, ``endpoint``, ``token``...)."""
+    with open_checkpoint(source, select=select, inert=inert, **remote) as ckpt:
+        return listing(ckpt, str(source), pattern=filter, depth=depth, show_keys=keys)

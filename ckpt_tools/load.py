@@ -34,7 +34,8 @@ def _resolve_preset(preset):
 
 def load_checkpoint(checkpoint, model, *, remap=None, expect_missing: Sequence[str] = (),
                     require: Sequence[str] = (), force: bool = False, preset=None, verify: bool = True,
-                    device: str | None = None, provenance=None) -> KeyReport:
+                    device: str | None = None, provenance=None, select: str | None = None,
+                    inert: bool = False) -> KeyReport:
     """Diff ``checkpoint`` against ``model``, then load every tensor that fits and verify it landed.
 
     ``checkpoint``: a path, hf:// reference or open Checkpoint (the same first argument as
@@ -48,7 +49,7 @@ def load_checkpoint(checkpoint, model, *, remap=None, expect_missing: Sequence[s
     if is_module(checkpoint) and not is_module(model):
         raise UsageError("load_checkpoint takes the checkpoint first, then the model",
                          fix="call load_checkpoint(checkpoint, model), as diff_keys(checkpoint, target)")
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint, select=select, inert=inert)
     try:
         side = module_side(model)
         side.preset = _resolve_preset(preset)

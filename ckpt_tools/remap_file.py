@@ -65,61 +65,68 @@ class RemapCheckpointResult:
         return text
 
 
-def remap_checkpoint(src: str | Path, dst: str | Path, *, rules=None, force: bool = False) -> RemapCheckpointResult:
+def remap_checkpoint(src: str | Path, dst: str | Path, *, rules=None, force: bool = False,
+                     select: str | None = None, inert: bool = False) -> RemapCheckpointResult:
     """Rewrite keys, keeping the format: safetensors (single or sharded) stays safetensors, a torch
     pickle is written with ``torch.save`` (wrapper and extras kept, shared tensors still shared).
-    ``rules``: remap rules in any form ``remap.coerce_rules`` takes."""
+    ``rules``: remap rules in any form ``remap.coerce_rules`` takes; ``select``/``inert``: as
+    ``open_checkpoint``."""
     rules = coerce_rules(rules)
-    with open_checkpoint(src) as checkpoint:
+    options = {"select": select, "inert": inert}
+    with open_checkpoint(src, **options) as checkpoint:
         kind, files = checkpoint.format, list(checkpoint.files)
     writer = _REMAP_WRITERS.get(kind)
     if writer is None:
         raise UsageError(f"remap cannot write the {kind} format", path=str(src),
                          fix="use `ckpt convert` to write safetensors")
-    return writer(src, dst, rules, force, kind, files)
+    return writer(src, dst, rules, force, kind, files, options)
 
 
-def _remap_safetensors(src, dst, rules, force, kind, files) -> RemapCheckpointResult:
+def _remap_safetensors(src, dst, rules, force, kind, files, options) -> RemapCheckpointResult:
     shard_size = None
     if kind != "safetensors":  # keep the source's shard size
         shard_size = max(p.stat().st_size for p in files if p.suffix == ".safetensors")
-    result = convert_to_safetensors(src, dst, rules=rules, max_shard_size=shard_size, force=force)
+    result = convert_to_safetensors(src, dst, rules=rules, max_shard_size=shard_size, force=force, **options)
     return RemapCheckpointResult(
         source=str(src), destination=str(dst), format=kind, files=result.files, tensors=result.tensors,
         renamed=result.renamed, dropped=result.dropped, unmatched_rules=result.unmatched_rules,
         rules=[r.to_dict() for r in rules or []], bytes_written=result.bytes_written, verified=result.verified)
 
 
-def _remap_pickle(src, dst, rules, force, kind, files) -> RemapCheckpointResult:
+def _remap_pickle(src, dst, rules, force, kind, files, options) -> RemapCheckpointResult:
     import torch
 
     dst = Path(dst)
     check_outputs([dst], files, force)
-    with open_checkpoint(src) as checkpoint:
+    with open_checkpoint(src, **options) as checkpoint:
         remap = apply_remap(checkpoint.keys(), rules)
         want = {new: (checkpoint.meta(old).shape, checkpoint.meta(old).dtype) for old, new in remap.mapping.items()}
+        wrapper = checkpoint.wrapper
         root = checkpoint.pickled_root()  # wrapper and extras are written back as they were
         state = {new: checkpoint.tensor(old) for old, new in remap.mapping.items()}
-        root = _replace_state(root, checkpoint.wrapper, state)
+        root = _replace_state(root, wrapper, state)
         need = sum(checkpoint.meta(old).nbytes for old in remap.mapping)
-        with disk_full_as_error(dst, need), AtomicFile(dst) as handle, open(handle.path, "wb") as stream:
-            torch.save(root, stream, _use_new_zipfile_serialization=(kind == "torch-zip"))
-            stream.flush()
+        with disk_full_as_error(dst, need), AtomicFile(dst) as handle:
+            with open(handle.path, "wb") as stream:
+                torch.save(root, stream, _use_new_zipfile_serialization=(kind == "torch-zip"))
+            del root, state
+            # checked while still a temporary file: a mismatch leaves nothing under dst
+            _verify_remapped(checkpoint, handle.path, remap.mapping, want, options, wrapper, shown=str(dst))
             handle.commit()
-        del root, state
-    _verify_remapped(src, dst, remap.mapping, want)
     return RemapCheckpointResult(
         source=str(src), destination=str(dst), format=kind, files=[str(dst)], tensors=len(remap.mapping),
         renamed=remap.renamed, dropped=remap.dropped, unmatched_rules=[r.to_dict() for r in remap.unmatched_rules],
         rules=[r.to_dict() for r in rules or []], bytes_written=dst.stat().st_size, verified=True)
 
 
-def _verify_remapped(src, dst: Path, mapping: dict[str, str], want: dict) -> None:
+def _verify_remapped(source, written_path: str, mapping: dict[str, str], want: dict, options: dict,
+                     wrapper: str | None, *, shown: str) -> None:
     """Reopen the written pickle: the planned names, shapes and dtypes, and every tensor equal, bit
-    for bit, to its source (one pair in memory at a time). A mismatch removes the output."""
+    for bit, to its source (one pair in memory at a time). The written file is read at the same
+    place inside the pickle as its source was; ``shown`` names it in errors."""
     import torch
 
-    with open_checkpoint(src) as source, open_checkpoint(dst) as written:
+    with open_checkpoint(written_path, select=wrapper or ".", inert=options["inert"]) as written:
         problem = None
         if {n: (m.shape, m.dtype) for n, m in written.metas().items()} != want:
             problem = ("the written file does not list the remapped tensors", None)
@@ -130,8 +137,7 @@ def _verify_remapped(src, dst: Path, mapping: dict[str, str], want: dict) -> Non
                     problem = ("written bytes differ from the source", new)
                     break
     if problem is not None:
-        dst.unlink(missing_ok=True)
-        raise IntegrityError(problem[0], path=str(dst), key=problem[1], fix="check the disk; the output was removed")
+        raise IntegrityError(problem[0], path=shown, key=problem[1], fix="check the disk; nothing was written")
 
 
 def _raw_bytes(tensor):

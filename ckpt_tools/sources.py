@@ -158,6 +158,7 @@ class Source:
              opened by the reader that needs them (mmap, safe_open)
     index    the parsed index, for ``format == "index"``
     notes    how it was resolved (the file picked from a folder and why, the others there)
+    picked, others   for a folder: the file read, and the folder's other files
     """
 
     given: str
@@ -170,6 +171,8 @@ class Source:
     head: bytes = b""
     index: dict | None = None
     notes: list[str] = field(default_factory=list)
+    picked: str | None = None  # the file read from a folder the user named
+    others: list[str] = field(default_factory=list)  # that folder's other files
     remote_options: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -235,7 +238,8 @@ def resolve(source: str | Path | HfReference | BinaryIO, *, revision: str | None
         except OSError as exc:
             raise CheckpointNotFoundError(f"cannot read ({exc.strerror})", path=text,
                                           fix="check the path and its permissions") from None
-        resolved = Source(text, "index", path=path, index=index, notes=_folder_notes(folder, path, shard_names(index)))
+        resolved = Source(text, "index", path=path, index=index,
+                          **_folder_choice(folder, path, shard_names(index)))
         for name in resolved.shards():  # every shard present before any is opened
             if not (path.parent / name).is_file():
                 raise CheckpointNotFoundError(f"index names shard '{name}', which is missing", path=text,
@@ -249,7 +253,7 @@ def resolve(source: str | Path | HfReference | BinaryIO, *, revision: str | None
         raise CheckpointNotFoundError(f"cannot read ({exc.strerror})", path=text,
                                       fix="check the path, its symlinks and permissions") from None
     return Source(text, detect(head) or "unknown", path=path, size=size, head=head,
-                  notes=_folder_notes(folder, path, []))
+                  **_folder_choice(folder, path, []))
 
 
 def _resolve_remote(given: str, ref: HfReference, remote: dict) -> Source:
@@ -289,10 +293,10 @@ def pick_from_folder(folder: Path) -> Path:
                                   path=str(folder), fix="pass a checkpoint file, or the folder that holds one")
 
 
-def _folder_notes(folder: Path | None, chosen: Path, shards: list[str]) -> list[str]:
-    """Which file of a folder was read and why, and what else the folder holds."""
+def _folder_choice(folder: Path | None, chosen: Path, shards: list[str]) -> dict:
+    """For a folder: which file was read and why (notes), and what else the folder holds."""
     if folder is None:
-        return []
+        return {}
     pattern = next(p for p in FOLDER_CANDIDATES if chosen.match(p))
     why = "its sharded index" if is_index_name(chosen.name) else f"its only {pattern} file"
     notes = [f"read {chosen.name} from the folder ({why}, looked for in the order "
@@ -302,4 +306,4 @@ def _folder_notes(folder: Path | None, chosen: Path, shards: list[str]) -> list[
     if others:
         more = f" (+{len(others) - 20} more)" if len(others) > 20 else ""
         notes.append(f"the folder also holds: {', '.join(others[:20])}{more}")
-    return notes
+    return {"notes": notes, "picked": chosen.name, "others": others}

@@ -67,15 +67,15 @@ def is_module(obj) -> bool:
     return hasattr(obj, "state_dict") and hasattr(obj, "named_parameters")
 
 
-def open_side(source) -> tuple[Side, Any]:
+def open_side(source, **options) -> tuple[Side, Any]:
     """A checkpoint side from a Checkpoint, a path/hf:// reference, or a mapping; returns the
-    Checkpoint when one was opened here (the caller closes it)."""
+    Checkpoint when one was opened here (the caller closes it). ``options``: as ``open_checkpoint``."""
     if isinstance(source, Checkpoint):
         return checkpoint_side(source), None
     if isinstance(source, Mapping):
         return mapping_side(source, "checkpoint"), None
     if isinstance(source, str | Path):
-        ckpt = open_checkpoint(source)
+        ckpt = open_checkpoint(source, **options)
         return checkpoint_side(ckpt), ckpt
     raise UsageError(f"cannot diff a {type(source).__name__}",
                      fix="pass a path, an hf:// reference, a Checkpoint or a mapping of TensorMeta")

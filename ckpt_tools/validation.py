@@ -21,6 +21,7 @@ from .errors import LoadRefusedError, UsageError
 from .formats import open_checkpoint
 from .hub import download as fetch
 from .inspect import InspectReport
+from .inspect import listing as inspect_listing
 from .load import load_checkpoint
 from .modelconfig import build_from_config
 from .presets import get_preset
@@ -174,7 +175,7 @@ def validate(source: str | Path, *, model: str | None = None, model_config: str 
              revision: str | None = None, endpoint: str | None = None, token: str | None = None,
              cache_dir: str | Path | None = None, lock: str | Path | None = None,
              convert: str | Path | None = None, overwrite: bool = False,
-             allow_random: bool = False) -> ValidationReport:
+             allow_random: bool = False, select: str | None = None, inert: bool = False) -> ValidationReport:
     """Validate a checkpoint against the model it is meant for; see the module docstring.
 
     ``device``: where the target model is built (``meta``: a skeleton; tensors loaded into it are
@@ -182,19 +183,21 @@ def validate(source: str | Path, *, model: str | None = None, model_config: str 
     ``.safetensors`` there (and load from it); an existing file there is replaced only with
     ``overwrite`` (as ``ckpt convert --force``). ``force``: go on past a failing key check.
     ``allow_random``: a model built for real may keep randomly initialised parameters after the
-    load (by default any such parameter fails the verdict).
+    load (by default any such parameter fails the verdict). ``select``/``inert``: as
+    ``open_checkpoint``, for every read of the checkpoint.
     """
     if model is None and model_config is None:
         build_target(model, model_config)  # raises the usage error before anything is opened
     options = {"remap": remap, "expect_missing": expect_missing, "require": require}
+    reading = {"select": select, "inert": inert}
     ref = hub_reference(str(source), revision=revision, filename=get_preset(model).filename if model else None)
     remote = download = skeleton = None
     local = source
     if ref is not None:
         skeleton = build_target(model, model_config, device="meta")
-        remote = _remote_check(ref, str(source), skeleton, endpoint, token, options)
+        remote = _remote_check(ref, str(source), skeleton, endpoint, token, options, reading)
         if not remote.keys.ok and not force:
-            return ValidationReport(str(source), remote.keys.target, _listing(remote.pinned, None, remote),
+            return ValidationReport(str(source), remote.keys.target, _remote_listing(remote),
                                     remote.keys, remote=remote,
                                     stopped="the key check failed before download (pass --force to download anyway)")
         download = fetch(ref.repo_id, [ref.path], revision=remote.commit, cache_dir=cache_dir,
@@ -209,24 +212,21 @@ def validate(source: str | Path, *, model: str | None = None, model_config: str 
 
     report = _validate_local(local, str(source), target, options, load=load, force=force,
                              device=device, load_device=load_device, convert=convert, overwrite=overwrite,
+                             reading=reading,
                              origin=_origin(ref, remote, download, local), allow_random=allow_random)
     report.remote, report.download = remote, download
     return report
 
 
-def _listing(source: str, ckpt, remote: RemoteCheck | None = None) -> InspectReport:
-    if ckpt is None:
-        return InspectReport(source=source, format="hub", wrapper=None, tensors={},
-                             bytes_read=remote.bytes_fetched if remote else None)
-    return InspectReport(source=source, format=ckpt.format, wrapper=ckpt.wrapper, tensors=ckpt.metas(),
-                         aliases=[list(g) for g in ckpt.aliases], extras=dict(ckpt.extras),
-                         metadata=dict(ckpt.metadata), notes=list(ckpt.notes),
-                         bytes_read=getattr(ckpt, "bytes_read", None))
+def _remote_listing(remote: RemoteCheck) -> InspectReport:
+    """What a validation stopped before download says of the file: where it is and what was read."""
+    return InspectReport(source=remote.pinned, format="hub", wrapper=None, tensors={},
+                         bytes_read=remote.bytes_fetched)
 
 
-def _remote_check(ref, given: str, skeleton: Target, endpoint, token, options) -> RemoteCheck:
+def _remote_check(ref, given: str, skeleton: Target, endpoint, token, options, reading) -> RemoteCheck:
     """Pin the revision and diff the remote listing against the skeleton (meta device)."""
-    with open_checkpoint(ref, endpoint=endpoint, token=token) as ckpt:
+    with open_checkpoint(ref, endpoint=endpoint, token=token, **reading) as ckpt:
         commit = ckpt.commit
         keys = _diff(ckpt, skeleton, options)
         fetched = ckpt.bytes_read
@@ -249,11 +249,11 @@ def _origin(ref, remote: RemoteCheck | None, download, local) -> Any:
 
 
 def _validate_local(local, given: str, make_target: Callable[[], Target], options: dict, *, load: bool, force: bool,
-                    device: str, load_device: str | None, convert, overwrite: bool, origin,
+                    device: str, load_device: str | None, convert, overwrite: bool, reading: dict, origin,
                     allow_random: bool = False) -> ValidationReport:
-    with open_checkpoint(local) as ckpt:  # a bad file is reported before the model is built
+    with open_checkpoint(local, **reading) as ckpt:  # a bad file is reported before the model is built
         target = make_target()
-        listing = _listing(given, ckpt)
+        listing = inspect_listing(ckpt, given)
         if not load and convert is None:
             return ValidationReport(given, target.label, listing, _diff(ckpt, target, options), built=target.built)
         keys = _diff(ckpt, target, options)
@@ -262,11 +262,12 @@ def _validate_local(local, given: str, make_target: Callable[[], Target], option
     if convert is not None and not keys.ok and not force:
         report.stopped = "the key check failed: not converted (pass --force to convert anyway)"
     elif convert is not None:
-        report.conversion = convert_to_safetensors(local, convert, rules=options["remap"], force=overwrite)
+        report.conversion = convert_to_safetensors(local, convert, rules=options["remap"], force=overwrite, **reading)
+        reading = {}  # the converted file is one state dict
         load_from = convert
     if load:
         try:
-            report.keys = load_checkpoint(load_from, target.model, **options, force=force, preset=target.preset,
+            report.keys = load_checkpoint(load_from, target.model, **options, **reading, force=force, preset=target.preset,
                                           device=load_device, provenance=origin)
         except LoadRefusedError as exc:
             exc.report.target = target.label

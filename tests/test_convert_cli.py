@@ -114,3 +114,40 @@ def test_remap_of_a_pickle_is_verified_bit_for_bit_with_slices(tmp_path, run_cli
     assert json.loads(result.stdout)["verified"] is True
     written = torch.load(tmp_path / "out.pt", weights_only=True)
     assert torch.equal(written["cols"], base[:, 2:4]) and torch.equal(written["t"], base.t())
+
+
+def test_a_training_file_converts_its_model_with_the_scalars_listed(tmp_path, run_cli):
+    weights = {"_orig_mod.wte.weight": torch.randn(8, 4), "_orig_mod.lm_head.bias": torch.randn(8)}
+    torch.save({"model": weights, "best_val_loss": torch.tensor(1.5), "iter_num": 3}, tmp_path / "ckpt.pt")
+    result = run_cli("convert", tmp_path / "ckpt.pt", tmp_path / "out.safetensors", "--remap-preset", "compile",
+                     "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["tensors"] == 2
+    with safe_open(str(tmp_path / "out.safetensors"), framework="pt") as f:
+        assert torch.equal(f.get_tensor("wte.weight"), weights["_orig_mod.wte.weight"])
+
+
+def test_convert_refuses_a_choice_that_leaves_most_tensor_bytes_behind(tmp_path, run_cli):
+    three = {"model": {"w": torch.zeros(40)}, "teacher": {"w": torch.zeros(30)}, "student": {"w": torch.zeros(31)}}
+    torch.save(three, tmp_path / "t.pt")
+    refused = run_cli("convert", tmp_path / "t.pt", tmp_path / "o.safetensors")
+    assert refused.exit_code == 2
+    assert "--select" in refused.stderr
+    assert not (tmp_path / "o.safetensors").exists()
+    named = run_cli("convert", tmp_path / "t.pt", tmp_path / "o.safetensors", "--select", "teacher")
+    assert named.exit_code == 0, named.stderr
+
+
+def test_inspect_names_the_selection_and_what_was_not_executed(tmp_path, run_cli):
+    import argparse
+
+    torch.save({"state_dict": {"w": torch.ones(2)}, "state_dict_ema": {"w": torch.ones(2)},
+                "args": argparse.Namespace(lr=0.1)}, tmp_path / "t.pt")
+    result = run_cli("inspect", tmp_path / "t.pt", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["wrapper"] == "state_dict"
+    assert [a["select"] for a in data["selection"]["alternatives"]] == ["state_dict_ema"]
+    assert data["not_executed"] == ["argparse.Namespace"]
+    ema = run_cli("inspect", tmp_path / "t.pt", "--select", "state_dict_ema", "--format", "json")
+    assert json.loads(ema.stdout)["wrapper"] == "state_dict_ema"

@@ -64,7 +64,7 @@ def test_json_schema_names(tmp_path, run_cli):
 def test_filter_and_markdown(tmp_path, run_cli):
     path = tmp_path / "f.safetensors"
     save_file(flamingo_like(), str(path))
-    result = run_cli("inspect", path, "--filter", "perceiver.*", "--format", "markdown")
+    result = run_cli("inspect", path, "--filter", "perceiver.*", "--format", "markdown", "--modules")
     assert result.exit_code == 0
     assert "| perceiver | 1 | 12 | 48 B | F32 |" in result.stdout
     assert "lang.blocks" not in result.stdout
@@ -73,7 +73,7 @@ def test_filter_and_markdown(tmp_path, run_cli):
 def test_table_output(tmp_path, run_cli):
     path = tmp_path / "f.safetensors"
     save_file(flamingo_like(), str(path))
-    result = run_cli("inspect", path)
+    result = run_cli("inspect", path, "--modules")
     assert result.exit_code == 0
     assert "lang.blocks.{0..7}.xattn" in result.stdout
     assert "format: safetensors" in result.stdout
@@ -103,3 +103,25 @@ def test_help_is_fast_and_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert time.perf_counter() - start < 5  # generous: a cold interpreter on a loaded CI machine
+
+
+def test_a_short_listing_shows_every_key_with_its_shape(tmp_path, run_cli):
+    path = tmp_path / "f.safetensors"
+    save_file(flamingo_like(), str(path))
+    result = run_cli("inspect", path, "--filter", "perceiver.*", "--format", "markdown")
+    assert "| perceiver.latents | 3x4 | F32 | 48 B |" in result.stdout
+
+
+def test_a_filter_that_matches_nothing_is_an_error(tmp_path, run_cli):
+    path = tmp_path / "f.safetensors"
+    save_file(flamingo_like(), str(path))
+    result = run_cli("inspect", path, "--filter", "nothing.*")
+    assert result.exit_code == 2
+    assert "--filter 'nothing.*' matches none of the 18 keys" in result.stderr
+
+
+def test_groups_count_a_tied_tensor_once_like_the_totals(tmp_path, run_cli):
+    shared = torch.ones(4, 2)
+    torch.save({"enc.emb.weight": shared, "dec.head.weight": shared}, tmp_path / "tied.pt")
+    data = json.loads(run_cli("inspect", tmp_path / "tied.pt", "--format", "json").stdout)
+    assert sum(g["params"] for g in data["groups"]) == data["total_params"]

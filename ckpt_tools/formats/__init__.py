@@ -72,6 +72,7 @@ def open_source(resolved: Source, **options) -> Checkpoint:
         checkpoint = _open_file(resolved, options)
     checkpoint.notes[:0] = resolved.notes
     checkpoint.files = resolved.local_files()
+    checkpoint.picked, checkpoint.other_files = resolved.picked, list(resolved.others)
     if resolved.ref is not None:
         _remote_bookkeeping(checkpoint, resolved)
     return checkpoint
