@@ -13,7 +13,8 @@ rounds, until a round finds nothing more:
    renames a key twice (ascending for a shift down, descending for a shift up). Offsets go first:
    a shifted checkpoint matches most of its layers by name already, at the wrong index.
 2. **Pairs.** Each unexpected key is set against the missing keys of the same shape (mandatory) and
-   the same layer numbers (a rename never renumbers; a shift is step 1's job). Candidates are ranked
+   the same layer numbers (a rename never renumbers; a shift is step 1's job); only when that finds
+   nothing, also against keys with numbered segments added or removed. Candidates are ranked
    by position in the module tree: leaf name differs, number of changed runs of segments, segments
    changed, depth difference; then by name similarity of the changed runs; then by dtype (a cast is
    allowed, so dtype only breaks ties). A key pairs with its single best candidate if it is also
@@ -503,14 +504,17 @@ def _offset_ambiguity(state: _State, fit: _Fit, troubled: set[int], template: Te
 # step 2: pairs
 
 
-def _pairs(state: _State, fit: _Fit) -> tuple[list[_Pair], list[dict]]:
+def _pairs(state: _State, fit: _Fit, widen: bool = False) -> tuple[list[_Pair], list[dict]]:
+    """Pairs and ambiguities among the open keys. Candidates keep the key's layer numbers; with
+    ``widen``, also those that add or remove numbered segments (``to_out`` -> ``to_out.0``), which
+    would otherwise beat the right pair on run counts (``resblocks.0.ln_1`` -> ``ln_pre``)."""
     open_keys = state.open_keys(fit)
-    by_numbers: dict[tuple, list[str]] = {}
-    by_shape: dict[tuple, list[str]] = {}
+    by_numbers: dict[tuple, list[str]] = {}  # (shape, layer numbers) -> missing names
+    by_count: dict[tuple, dict[int, list[str]]] = {}  # shape -> how many numbers -> missing names
     for name in state.missing_names(fit):
-        shape = state.target[name].shape
-        by_numbers.setdefault((shape, state.parsed(name).numbers), []).append(name)
-        by_shape.setdefault(shape, []).append(name)
+        shape, numbers = state.target[name].shape, state.parsed(name).numbers
+        by_numbers.setdefault((shape, numbers), []).append(name)
+        by_count.setdefault(shape, {}).setdefault(len(numbers), []).append(name)
     open_shapes: dict[tuple, int] = {}
     for i in open_keys:
         open_shapes[state.metas[i].shape] = open_shapes.get(state.metas[i].shape, 0) + 1
@@ -519,9 +523,10 @@ def _pairs(state: _State, fit: _Fit) -> tuple[list[_Pair], list[dict]]:
     ambiguous: list[dict] = []
     for i in open_keys:
         shape, name = state.metas[i].shape, state.parsed(fit.names[i])
-        pool = by_numbers.get((shape, name.numbers))
-        if pool is None:  # numbers added or removed (``to_out`` -> ``to_out.0``), never changed
-            pool = [m for m in by_shape.get(shape, []) if not _renumbers(name, state.parsed(m))]
+        pool = list(by_numbers.get((shape, name.numbers), ()))  # numbers are never changed
+        for count, names in by_count.get(shape, {}).items() if widen else ():
+            if count != len(name.numbers):
+                pool += names
         best = _best(state, i, name, pool)
         if not best:
             continue
@@ -540,14 +545,10 @@ def _pairs(state: _State, fit: _Fit) -> tuple[list[_Pair], list[dict]]:
             continue
         _, i, m, runs = top[0]
         shape = state.metas[i].shape
-        unique = open_shapes[shape] == 1 and len(by_shape[shape]) == 1
+        unique = open_shapes[shape] == 1 and sum(len(n) for n in by_count[shape].values()) == 1
         pairs.append(_Pair(i, m, runs, unique or _plain_move(runs, state.parsed(fit.names[i]), state.parsed(m))))
     pairs.sort(key=lambda p: p.index)
     return pairs, ambiguous
-
-
-def _renumbers(a: _Name, b: _Name) -> bool:
-    return len(a.numbers) == len(b.numbers) and a.numbers != b.numbers
 
 
 def _plain_move(runs: list[_Run], a: _Name, b: _Name) -> bool:
@@ -745,19 +746,22 @@ def _round(state: _State, fit: _Fit, accepted: list[Rule], spare: set[int]) -> t
             used, state.names, fit = outcome
             accepted += used
             return True, fit
-    pairs, _ = _pairs(state, fit)
-    progress, done = False, set()
-    for candidate in _rule_candidates(state, fit, pairs):
-        if candidate.family in done:
-            continue
-        outcome = _accept(state, fit, candidate.rules, candidate.pairs)
-        if outcome is not None:
-            used, state.names, fit = outcome
-            accepted += used
-            spare.update(id(r) for r in used)
-            done.add(candidate.family)
-            progress = True
-    return progress, fit
+    for widen in (False, True):
+        pairs, _ = _pairs(state, fit, widen)
+        progress, done = False, set()
+        for candidate in _rule_candidates(state, fit, pairs):
+            if candidate.family in done:
+                continue
+            outcome = _accept(state, fit, candidate.rules, candidate.pairs)
+            if outcome is not None:
+                used, state.names, fit = outcome
+                accepted += used
+                spare.update(id(r) for r in used)
+                done.add(candidate.family)
+                progress = True
+        if progress:
+            return True, fit
+    return False, fit
 
 
 def _prune(state: _State, fit: _Fit, accepted: list[Rule], spare: set[int]) -> _Fit:
@@ -780,16 +784,18 @@ def _prune(state: _State, fit: _Fit, accepted: list[Rule], spare: set[int]) -> _
 def _final_ambiguity(state: _State, fit: _Fit, originals: list[str]) -> list[dict]:
     """Ambiguities among the keys still open after the rules, named as the checkpoint names them."""
     _, from_offsets = _offset_candidates(state, fit)
-    _, from_pairs = _pairs(state, fit)
-    out = []
-    for entry in from_offsets + from_pairs:
+    _, same_numbers = _pairs(state, fit)
+    _, widened = _pairs(state, fit, widen=True)
+    out: dict[tuple[str, Any], dict] = {}
+    for entry in from_offsets + same_numbers + widened:  # the narrowest view of a key wins
+        out.setdefault((entry["side"], entry["key"]), entry)
+    named = []
+    for entry in out.values():
         if entry["side"] == "checkpoint":
-            entry = {**entry, "key": originals[entry["key"]]}
+            named.append({**entry, "key": originals[entry["key"]]})
         else:
-            entry = {**entry, "candidates": [originals[i] for i in entry["candidates"]]}
-        if entry not in out:
-            out.append(entry)
-    return out
+            named.append({**entry, "candidates": [originals[i] for i in entry["candidates"]]})
+    return named
 
 
 def _group_ids(names: list[str], aliases: Sequence[Sequence[str]]) -> list[int]:

@@ -399,3 +399,56 @@ def test_alias_names_alone_are_not_worth_a_rule(llama):
     inference = infer_rules(checkpoint, llama.metas, target_aliases=llama.groups,
                             checkpoint_aliases=[["model.norm.weight", "copy.of.norm.weight"]])
     assert inference.rules == []
+
+
+# ---------------------------------------------------------------------------------------------
+# rule forms
+
+
+def listing(shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorMeta]:
+    return {k: TensorMeta.of(k, s, "F32") for k, s in shapes.items()}
+
+
+def test_old_layernorm_leaf_names_become_leaf_renames():
+    model = listing({f"enc.{i}.{m}.{leaf}": (8, 8) if m == "fc" else (8,)
+                     for i in range(3) for m, leaves in (("norm", ("weight", "bias")), ("fc", ("weight",)))
+                     for leaf in leaves})
+    old = renamed(model, lambda k: k.replace("norm.weight", "norm.gamma").replace("norm.bias", "norm.beta"))
+    assert rule_dicts(infer_rules(old, model)) == [{"rename": ["\\.beta$", ".bias"], "maps": 3},
+                                                   {"rename": ["\\.gamma$", ".weight"], "maps": 3}]
+
+
+def test_an_inserted_numbered_segment_is_found_beside_a_same_numbered_rename():
+    # diffusers' old attention names: query -> to_q, and the output projection moved into a list
+    model = listing({f"b.{i}.attn.{p}": s for i in range(2)
+                     for p, s in (("to_q.weight", (8, 8)), ("to_out.0.weight", (8, 8)), ("to_out.0.bias", (8,)))})
+    old = renamed(model, lambda k: k.replace("to_out.0", "to_out").replace("to_q", "query"))
+    assert rule_dicts(infer_rules(old, model)) == [{"rename": ["\\.to_out\\.", ".to_out.0."], "maps": 4},
+                                                   {"rename": ["\\.query\\.", ".to_q."], "maps": 2}]
+
+
+def test_fsdp_wrappers_at_two_depths(llama):
+    def wrapped(key: str) -> str:
+        return "_fsdp_wrapped_module." + re.sub(r"^(model\.layers\.\d+)\.", r"\1._fsdp_wrapped_module.", key)
+
+    inference = infer_rules(renamed(llama.metas, wrapped), llama.metas, target_aliases=llama.groups)
+    assert rule_dicts(inference) == [{"rename": ["\\._fsdp_wrapped_module\\.", "."], "maps": 27},
+                                     {"strip_prefix": "_fsdp_wrapped_module.", "maps": 30}]
+
+
+def test_an_index_at_the_end_of_the_key_shifts_with_a_lookahead():
+    model = listing({f"scales.{i}": (i + 2,) for i in range(3)} | {"w": (3, 3)})
+    old = listing({f"scales.{i + 1}": (i + 2,) for i in range(3)} | {"w": (3, 3)})
+    assert rule_dicts(infer_rules(old, model)) == [
+        {"rename": ["^scales\\.1(?=\\.|$)", "scales.0"], "maps": 1},
+        {"rename": ["^scales\\.2(?=\\.|$)", "scales.1"], "maps": 1},
+        {"rename": ["^scales\\.3(?=\\.|$)", "scales.2"], "maps": 1}]
+
+
+def test_a_layer_that_fits_at_several_offsets_is_ambiguous():
+    model = listing({f"layers.{i}.w": (4, 4) for i in range(4)} | {"head.w": (2, 4)})
+    old = listing({"layers.7.w": (4, 4), "head.w": (2, 4)})
+    inference = infer_rules(old, model)
+    assert inference.rules == []
+    assert inference.ambiguous == [{"side": "checkpoint", "key": "layers.7.w",
+                                    "candidates": ["layers.0.w", "layers.1.w", "layers.2.w", "layers.3.w"]}]
