@@ -405,12 +405,12 @@ class _State:
 # step 1: layer offsets
 
 
-Template = tuple[tuple[str, ...], str | None]  # (container segments, child segment or None)
+_Template = tuple[tuple[str, ...], str | None]  # (container segments, child segment or None)
 
 
 def _offset_candidates(state: _State, fit: _Fit) -> tuple[list[list[Rule]], list[dict]]:
     troubled = set(state.open_keys(fit)) | fit.mismatched
-    templates: set[Template] = set()
+    templates: set[_Template] = set()
     for i in troubled:
         parts = state.parsed(fit.names[i]).parts
         for j, part in enumerate(parts):
@@ -437,7 +437,7 @@ def _offset_candidates(state: _State, fit: _Fit) -> tuple[list[list[Rule]], list
     return candidates, ambiguous
 
 
-def _signatures(items, templates: set[Template], state: _State) -> dict:
+def _signatures(items, templates: set[_Template], state: _State) -> dict:
     """template -> layer index -> frozenset of (rest of the name, shape) under it."""
     out: dict = {}
     for name, shape in items:
@@ -468,7 +468,7 @@ def _shifts(cs: dict[int, frozenset], ts: dict[int, frozenset]) -> list[int]:
     return good
 
 
-def _offset_rules(template: Template, cs: dict[int, frozenset], shift: int) -> list[Rule]:
+def _offset_rules(template: _Template, cs: dict[int, frozenset], shift: int) -> list[Rule]:
     container, child = template
     # the dotted form reads best; keys ending at the index (or at the child) need the lookahead
     dotted = all(rest for entries in cs.values() for rest, _ in entries)
@@ -484,7 +484,7 @@ def _offset_rules(template: Template, cs: dict[int, frozenset], shift: int) -> l
     return rules
 
 
-def _offset_ambiguity(state: _State, fit: _Fit, troubled: set[int], template: Template,
+def _offset_ambiguity(state: _State, fit: _Fit, troubled: set[int], template: _Template,
                       shifts: list[int]) -> list[dict]:
     container, child = template
     j = len(container)
