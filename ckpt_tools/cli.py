@@ -22,6 +22,7 @@ from . import hub, server
 from .convert import convert_to_safetensors
 from .diff import diff_keys
 from .errors import CkptError, UsageError
+from .fit import convert_fitting
 from .fs import atomic_write
 from .html import render_html
 from .inspect import inspect_checkpoint
@@ -94,6 +95,15 @@ def reader_options(func):
     return click.option("--select", metavar="PATH",
                         help="The state dict to take inside a training checkpoint, as a dotted path "
                              "(e.g. model_ema); by default it is chosen by content.")(func)
+
+
+def write_inferred_rules(report, path: str) -> None:
+    """The ``--write-rules FILE`` of diff: the inferred rules as a rules file, or a line saying why not."""
+    if report.inference is None:
+        click.echo(f"no remap rule was inferred: {path} not written", err=True)
+        return
+    atomic_write(Path(path), report.inference.to_toml().encode("utf-8"))
+    click.echo(f"wrote {len(report.inference.rules)} inferred rules to {path} (use them with --rules {path})", err=True)
 
 
 def rules_from_options(kwargs: dict):
@@ -249,10 +259,15 @@ def remap(src: str, dst: str, force: bool, select: str | None, inert: bool, **kw
 @click.option("--force", is_flag=True, help="Overwrite existing outputs (never the source itself).")
 @click.option("--extras", "extras_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the non-tensor entries (epoch, config...) that are JSON-able to FILE.")
+@click.option("--auto-remap", is_flag=True,
+              help="Also apply the remap rules inferred against --model or --against (the result names them).")
+@click.option("--model", "model", metavar="PRESET", help="With --auto-remap: the model the names must fit.")
+@click.option("--against", metavar="SOURCE2", help="With --auto-remap: a checkpoint whose names to fit.")
 @reader_options
 @format_option
 def convert(src: str, dst: str, dtype: str | None, max_shard_size: str | None, verify: bool, force: bool,
-            extras_path: str | None, select: str | None, inert: bool, **kwargs) -> None:
+            extras_path: str | None, auto_remap: bool, model: str | None, against: str | None,
+            select: str | None, inert: bool, **kwargs) -> None:
     """Convert SRC (.pt, .bin, .safetensors, a sharded index or folder) to safetensors at DST.
 
     DST is one .safetensors file, or with --max-shard-size (or when DST is a folder) shards named
@@ -264,10 +279,17 @@ def convert(src: str, dst: str, dtype: str | None, max_shard_size: str | None, v
     Example:
       ckpt convert checkpoint.pt model.safetensors --remap-preset ddp --extras extras.json
       ckpt convert pytorch_model.bin.index.json out/ --max-shard-size 2GB --dtype bf16
+      ckpt convert full_state_dict.pt model.safetensors --auto-remap --model openflamingo-3b-vitl-mpt1b
     """
-    result = convert_to_safetensors(src, dst, rules=rules_from_options(kwargs), dtype=dtype,
-                                    max_shard_size=max_shard_size, verify=verify, force=force,
-                                    extras_path=extras_path, select=select, inert=inert)
+    options = {"rules": rules_from_options(kwargs), "dtype": dtype, "max_shard_size": max_shard_size,
+               "verify": verify, "force": force, "extras_path": extras_path, "select": select, "inert": inert}
+    if auto_remap:
+        result = convert_fitting(src, dst, target_from_options(model, None, against), **options)
+    elif model or against:
+        raise UsageError("--model and --against only say what --auto-remap fits the names to",
+                         fix="add --auto-remap, or drop --model/--against")
+    else:
+        result = convert_to_safetensors(src, dst, **options)
     emit(result)
 
 
@@ -288,11 +310,15 @@ def _expect_options(func):
 @click.option("--against", metavar="SOURCE2", help="Compare with another checkpoint's keys.")
 @remap_options
 @_expect_options
+@click.option("--auto-remap", is_flag=True,
+              help="Apply the remap rules inferred when keys do not match (the report names them).")
+@click.option("--write-rules", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write the inferred remap rules to FILE (TOML), for --rules FILE in any command.")
 @reader_options
 @format_option(html=True)
 def diff(source: str, model: str | None, model_config: str | None, against: str | None,
-         expect_missing: tuple[str, ...], require: tuple[str, ...], select: str | None, inert: bool,
-         **kwargs) -> None:
+         expect_missing: tuple[str, ...], require: tuple[str, ...], auto_remap: bool, write_rules: str | None,
+         select: str | None, inert: bool, **kwargs) -> None:
     """Key report of SOURCE against a model: matched, cast, shape mismatches, missing, unexpected.
 
     Missing keys are split into expected (frozen in the model, --expect-missing, the preset's
@@ -304,9 +330,13 @@ def diff(source: str, model: str | None, model_config: str | None, against: str 
       ckpt diff checkpoint.pt --model openflamingo-3b-vitl-mpt1b
       ckpt diff train.pt --model openflamingo-3b-vitl-mpt1b --strip-prefix module. --format json
       ckpt diff new.safetensors --against old.safetensors --format markdown
+      ckpt diff renamed.pt --model openflamingo-3b-vitl-mpt1b --write-rules fix.toml
     """
     report = diff_keys(source, target_from_options(model, model_config, against), remap=rules_from_options(kwargs),
-                       expect_missing=expect_missing, require=require, select=select, inert=inert)
+                       expect_missing=expect_missing, require=require, select=select, inert=inert,
+                       auto_remap=auto_remap)
+    if write_rules:
+        write_inferred_rules(report, write_rules)
     emit(report)
     sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
 
@@ -331,6 +361,8 @@ def diff(source: str, model: str | None, model_config: str | None, against: str 
 @click.option("--load", "do_load", is_flag=True,
               help="Also load the checkpoint into the model and verify every tensor landed.")
 @click.option("--force", is_flag=True, help="Go on past a failing key check (download, convert, load what fits).")
+@click.option("--auto-remap", is_flag=True,
+              help="Apply the remap rules inferred when keys do not match (diff, conversion and load).")
 @click.option("--allow-random", is_flag=True,
               help="With --load on a model built for real: accept parameters that stay randomly initialised.")
 @click.option("--device", default="meta", show_default=True,
@@ -340,7 +372,7 @@ def diff(source: str, model: str | None, model_config: str | None, against: str 
 def validate(source: str, model: str | None, model_config: str | None, expect_missing: tuple[str, ...],
              require: tuple[str, ...], revision: str | None, endpoint: str | None, cache_dir: str | None,
              lock_file: str | None, convert_to: str | None, overwrite: bool, do_load: bool, force: bool,
-             allow_random: bool, device: str, select: str | None, inert: bool, **kwargs) -> None:
+             auto_remap: bool, allow_random: bool, device: str, select: str | None, inert: bool, **kwargs) -> None:
     """Validate a checkpoint: pin, inspect, diff (remotely first), download, convert, load: one verdict.
 
     SOURCE is a local file or folder, hf://ORG/NAME[@REVISION]/PATH, or ORG/NAME with --revision
@@ -358,7 +390,7 @@ def validate(source: str, model: str | None, model_config: str | None, expect_mi
                           expect_missing=expect_missing, require=require, load=do_load, force=force,
                           device=device, revision=revision, endpoint=endpoint, cache_dir=cache_dir,
                           lock=lock_file, convert=convert_to, overwrite=overwrite,
-                          allow_random=allow_random, select=select, inert=inert)
+                          allow_random=allow_random, select=select, inert=inert, auto_remap=auto_remap)
     emit(report)
     sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
 

@@ -64,6 +64,7 @@ class ConversionResult:
     extras_path: str | None = None
     unmatched_rules: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    inferred_rules: list[dict] = field(default_factory=list)  # applied with --auto-remap
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,7 +75,7 @@ class ConversionResult:
             "verified_tensors": self.verified_tensors, "dtype": self.dtype,
             "extras": dict(self.extras), "extras_written": list(self.extras_written),
             "extras_path": self.extras_path, "unmatched_rules": list(self.unmatched_rules),
-            "notes": list(self.notes),
+            "notes": list(self.notes), "inferred_rules": list(self.inferred_rules),
         }
 
     def _summary_rows(self) -> list[list[object]]:
@@ -91,6 +92,7 @@ class ConversionResult:
             where = f"written to {self.extras_path}: {', '.join(self.extras_written) or 'none JSON-able'}" \
                 if self.extras_path else "not written (pass --extras FILE)"
             rows.append(["extras", f"{', '.join(self.extras)}; {where}"])
+        rows += [["inferred rule", json.dumps(r)] for r in self.inferred_rules]
         rows += [["unmatched rule", json.dumps(r)] for r in self.unmatched_rules]
         rows += [["note", n] for n in self.notes]
         return rows

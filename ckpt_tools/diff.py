@@ -24,10 +24,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import RemapError
+from .infer import Inference, infer_rules, rule_flags
 from .meta import TensorMeta
 from .naming import collapse, format_numbers, module_prefix
 from .presets import ModelPreset, get_preset
-from .remap import apply_remap, coerce_rules
+from .remap import Rule, apply_remap, coerce_rules
 from .render import human_count, markdown_table, rich_table
 from .side import Side
 from .targets import open_side, resolve_target
@@ -121,6 +123,9 @@ class KeyReport:
     rules: list[str] = field(default_factory=list)
     unmatched_require: list[str] = field(default_factory=list)
     load: dict | None = None
+    inference: Inference | None = None  # remap rules inferred when keys did not match
+    with_inferred: dict | None = None  # {"verdict", "counts", "summary"} the checkpoint gets with them
+    auto_remapped: bool = False  # this report is the one with the inferred rules applied
 
     @property
     def counts(self) -> dict[str, int]:
@@ -155,7 +160,12 @@ class KeyReport:
             "dropped": list(self.dropped),
             "remap": list(self.rules),
             "entries": self.entry_dicts(),
+            "inferred_rules": self.inference.to_dict()["inferred_rules"] if self.inference else [],
+            "auto_remap": self.auto_remapped,
         }
+        if self.inference is not None:
+            out["inference"] = {**{k: v for k, v in self.inference.to_dict().items() if k != "inferred_rules"},
+                                "with_rules": self.with_inferred}
         if self.load is not None:
             out["load"] = dict(self.load)
         return out
@@ -188,6 +198,15 @@ class KeyReport:
             text += f"; loaded {self.load.get('loaded', 0)}, verified: {str(self.load.get('verified')).lower()}"
         return text
 
+    def inference_line(self) -> str:
+        """``with these 2 rules: OK (171 matched)``, and how to use them."""
+        n = len(self.inference.rules)
+        head = "with this inferred rule" if n == 1 else f"with these {n} inferred rules"
+        if self.auto_remapped:
+            return f"applied {n} inferred rule{'s' if n != 1 else ''} (--auto-remap): see them below"
+        return (f"{head}: {self.with_inferred['verdict'].upper()} ({self.with_inferred['summary']}); "
+                "write them with --write-rules FILE, or apply them with --auto-remap")
+
     def problem_groups(self) -> list[list[object]]:
         return group_problems(self.problems)
 
@@ -204,6 +223,8 @@ class KeyReport:
                                     justify_right=("n",)))
         for hint in self.hints:
             parts.append(Text(f"hint: {_hint_text(hint)}"))
+        if self.inference is not None:
+            parts += [Text(self.inference_line(), style="bold"), self.inference.rich_table()]
         if self.load is not None:
             parts.append(Text("load: " + _load_text(self.load)))
         if with_verdict:
@@ -222,6 +243,9 @@ class KeyReport:
                                      [[k, f"`{keys}`", n, d, f"`{f}`" if f else ""] for k, keys, n, d, f in groups])]
         if self.hints:
             lines += [""] + [f"- hint: {_hint_text(h)}" for h in self.hints]
+        if self.inference is not None:
+            flags = rule_flags(self.inference.rules, self.inference.maps)
+            lines += ["", f"**{self.inference_line()}**: `{flags}`"]
         if self.load is not None:
             lines += ["", f"**Load**: {_load_text(self.load)}"]
         return "\n".join(lines) + "\n"
@@ -328,7 +352,7 @@ class _Expectations:
 
 def diff_keys(checkpoint, target, *, remap=None, expect_missing: Sequence[str] = (),
               require: Sequence[str] = (), preset=None, select: str | None = None,
-              inert: bool = False) -> KeyReport:
+              inert: bool = False, auto_remap: bool = False) -> KeyReport:
     """Compare a checkpoint's keys with a target's; never loads tensor bytes.
 
     ``checkpoint``: a Checkpoint, a path or hf:// reference, or a mapping of TensorMeta (or tensors).
@@ -337,6 +361,7 @@ def diff_keys(checkpoint, target, *, remap=None, expect_missing: Sequence[str] =
     ``remap``: rules (Rule objects or rules-file dicts) applied to the checkpoint's keys before the
     preset's own remap. ``preset``: a preset whose remap, expectations and hints apply to a target
     given as a model (``load_checkpoint`` passes it). ``select``/``inert``: as ``open_checkpoint``.
+    ``auto_remap``: apply the remap rules inferred when keys do not match (always reported).
     """
     ck, opened = open_side(checkpoint, select=select, inert=inert)
     try:
@@ -346,14 +371,36 @@ def diff_keys(checkpoint, target, *, remap=None, expect_missing: Sequence[str] =
             opened.close()  # the listing is all a diff needs
     if preset is not None:
         side.preset = preset if isinstance(preset, ModelPreset) else get_preset(str(preset))
-    return compare(ck, side, remap=remap, expect_missing=expect_missing, require=require)
+    return compare(ck, side, remap=remap, expect_missing=expect_missing, require=require, auto_remap=auto_remap)
 
 
 def compare(ck: Side, target: Side, *, remap=None, expect_missing: Sequence[str] = (),
-            require: Sequence[str] = ()) -> KeyReport:
-    """The diff proper, on two resolved sides (what ``load_checkpoint`` calls on its own model)."""
+            require: Sequence[str] = (), infer: bool = True, auto_remap: bool = False) -> KeyReport:
+    """The diff proper, on two resolved sides (what ``load_checkpoint`` calls on its own model).
+
+    When checkpoint keys land nowhere, remap rules are inferred from names and shapes
+    (``infer.infer_rules``) and the report says what the checkpoint would get with them; they are
+    applied only with ``auto_remap`` (and the report then says so)."""
+    preset_rules = coerce_rules(list(target.preset.remap) if target.preset else [])
+    user_rules = coerce_rules(remap)
+    report = _compare(ck, target, user_rules, preset_rules, expect_missing, require)
+    if not infer or not report.unexpected:
+        return report
+    inference = infer_rules(ck.metas, target.metas, checkpoint_aliases=ck.groups, target_aliases=target.groups,
+                            base_rules=user_rules, tail_rules=preset_rules)
+    if not inference.rules:
+        return report
+    with_rules = _compare(ck, target, user_rules + inference.rules, preset_rules, expect_missing, require)
+    checked = {"verdict": with_rules.verdict, "counts": with_rules.counts, "summary": with_rules.summary_line()}
+    chosen = with_rules if auto_remap else report
+    chosen.inference, chosen.with_inferred, chosen.auto_remapped = inference, checked, auto_remap
+    return chosen
+
+
+def _compare(ck: Side, target: Side, user_rules: list[Rule], preset_rules: list[Rule],
+             expect_missing: Sequence[str], require: Sequence[str]) -> KeyReport:
     preset = target.preset
-    rules = coerce_rules(remap) + coerce_rules(list(preset.remap) if preset else [])
+    rules = user_rules + preset_rules
     result = apply_remap(ck.metas, rules)
     renamed = result.mapping  # old -> new, kept keys only
     by_new = {new: old for old, new in renamed.items()}
@@ -474,7 +521,9 @@ def _infer_fixes(problems: list[Problem], entries: list[Entry], unexpected: list
     unexpected_new = [renamed[k] for k in unexpected]
     missing = {n for e in entries if e.status.startswith("missing") for n in e.names}
     fixes: dict[str, str] = {}
-    for hint, covered in _prefix_fixes(unexpected_new, missing) + _rename_fixes(unexpected_new, missing):
+    for hint, covered, rule in _prefix_fixes(unexpected_new, missing) + _rename_fixes(unexpected_new, missing):
+        if not _fix_helps(rule, ck_renamed, target):
+            continue  # a name pattern that lines up but brings no tensor of the right shape home
         hints.append(hint)
         fixes.update(dict.fromkeys(covered, hint["fix"]))
     for hint, keys in _layer_hints(entries, unexpected_new, ck_renamed, target):
@@ -506,7 +555,23 @@ def _normalise_hint(hint) -> dict:
     return out
 
 
-def _prefix_fixes(unexpected: list[str], missing: set[str]) -> list[tuple[dict, list[str]]]:
+def _fix_helps(rule: Rule, ck_renamed: Mapping[str, TensorMeta], target: Side) -> bool:
+    """Whether applying ``rule`` to the checkpoint's (already remapped) names lands more tensors
+    with the target's shape and adds no unexpected name: only then is it shown as a fix."""
+    def fit(pairs) -> tuple[int, int]:
+        landed = sum(1 for new, meta in pairs if new in target.metas and target.metas[new].shape == meta.shape)
+        return landed, sum(1 for new, _ in pairs if new not in target.metas)
+
+    try:
+        mapping = apply_remap(list(ck_renamed), [rule]).mapping
+    except RemapError:
+        return False
+    landed, unexpected = fit(ck_renamed.items())
+    landed_after, unexpected_after = fit((new, ck_renamed[old]) for old, new in mapping.items())
+    return landed_after > landed and unexpected_after <= unexpected
+
+
+def _prefix_fixes(unexpected: list[str], missing: set[str]) -> list[tuple[dict, list[str], Rule]]:
     """Prefix swaps (strip, add, or replace) that turn unexpected keys into missing ones."""
     if not unexpected or not missing:
         return []
@@ -539,31 +604,44 @@ def _prefix_fixes(unexpected: list[str], missing: set[str]) -> list[tuple[dict, 
             continue
         claimed.update(u for u, _ in pairs)
         if not new:
-            fix = f"--strip-prefix {old}."
+            fix, rule = f"--strip-prefix {old}.", Rule("strip_prefix", (f"{old}.",))
             detail = f"{len(pairs)} unexpected keys match missing ones without the prefix '{old}.'"
         elif not old:
-            fix = f"--add-prefix {new}."
+            fix, rule = f"--add-prefix {new}.", Rule("add_prefix", (f"{new}.",))
             detail = f"{len(pairs)} unexpected keys match missing ones with the prefix '{new}.'"
         else:
-            fix = f"--rename '^{re.escape(old)}\\.={new}.'"
+            fix, rule = f"--rename '^{re.escape(old)}\\.={new}.'", Rule("rename", (f"^{re.escape(old)}\\.", f"{new}."))
             detail = f"{len(pairs)} unexpected keys match missing ones with '{old}.' replaced by '{new}.'"
         covered = [u for u, _ in pairs] + [m for _, m in pairs]
-        out.append(({"kind": "prefix", "detail": detail, "fix": fix}, covered))
+        out.append(({"kind": "prefix", "detail": detail, "fix": fix}, covered, rule))
     return out
 
 
-def _rename_fixes(unexpected: list[str], missing: set[str]) -> list[tuple[dict, list[str]]]:
-    out: list[tuple[dict, list[str]]] = []
+def _segment_rename(old: str, new: str, keys: list[str]) -> tuple[str, str]:
+    """The plainest regex that renames the segment ``old`` in every one of ``keys``."""
+    first = [k.startswith(old + ".") for k in keys]
+    if all(first):
+        return f"^{re.escape(old)}\\.", f"{new}."
+    if not any(first):
+        if all(k.endswith("." + old) for k in keys):
+            return f"\\.{re.escape(old)}$", f".{new}"
+        if not any(k.endswith("." + old) for k in keys):
+            return f"\\.{re.escape(old)}\\.", f".{new}."
+    return f"(?<![^.]){re.escape(old)}(?=\\.|$)", new
+
+
+def _rename_fixes(unexpected: list[str], missing: set[str]) -> list[tuple[dict, list[str], Rule]]:
+    out: list[tuple[dict, list[str], Rule]] = []
     for old, new, why in KNOWN_RENAMES:
         pattern = re.compile(rf"(?<![^.]){re.escape(old)}(?=\.|$)")
         pairs = [(u, pattern.sub(new, u)) for u in unexpected if pattern.search(u)]
         pairs = [(u, m) for u, m in pairs if m in missing]
         if pairs:
-            last = pairs[0][0].endswith("." + old)
-            fix = f"--rename '\\.{old}$=.{new}'" if last else f"--rename '\\.{old}\\.=.{new}.'"
+            pattern, replacement = _segment_rename(old, new, [u for u, _ in pairs])
+            fix = f"--rename '{pattern}={replacement}'"
             detail = f"'{old}' is now '{new}' ({why}): {len(pairs)} unexpected keys match missing ones"
             out.append(({"kind": "rename", "detail": detail, "fix": fix},
-                        [u for u, _ in pairs] + [m for _, m in pairs]))
+                        [u for u, _ in pairs] + [m for _, m in pairs], Rule("rename", (pattern, replacement))))
     return out
 
 

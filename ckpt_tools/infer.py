@@ -157,6 +157,12 @@ class Inference:
         return Group(*parts)
 
 
+def rule_flags(rules: Sequence[Rule], maps: Sequence[int] | None = None) -> str:
+    """Rules as the command-line flags that say the same, each with the keys it maps when given."""
+    counts = maps if maps is not None else [None] * len(rules)
+    return "; ".join(_rule_text(r) + (f" ({n} keys)" if n is not None else "") for r, n in zip(rules, counts, strict=True))
+
+
 def _rule_text(rule: Rule) -> str:
     """The rule as the command-line flag that says the same."""
     if rule.kind == "rename":

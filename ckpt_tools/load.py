@@ -35,7 +35,7 @@ def _resolve_preset(preset):
 def load_checkpoint(checkpoint, model, *, remap=None, expect_missing: Sequence[str] = (),
                     require: Sequence[str] = (), force: bool = False, preset=None, verify: bool = True,
                     device: str | None = None, provenance=None, select: str | None = None,
-                    inert: bool = False) -> KeyReport:
+                    inert: bool = False, auto_remap: bool = False) -> KeyReport:
     """Diff ``checkpoint`` against ``model``, then load every tensor that fits and verify it landed.
 
     ``checkpoint``: a path, hf:// reference or open Checkpoint (the same first argument as
@@ -53,7 +53,7 @@ def load_checkpoint(checkpoint, model, *, remap=None, expect_missing: Sequence[s
     try:
         side = module_side(model)
         side.preset = _resolve_preset(preset)
-        report = compare(checkpoint_side(ckpt), side, remap=remap, expect_missing=expect_missing,
+        report = compare(checkpoint_side(ckpt), side, remap=remap, expect_missing=expect_missing, auto_remap=auto_remap,
                          require=require)
         if not report.ok and not force:
             raise LoadRefusedError(_refusal(report), report=report, path=str(ckpt.source),

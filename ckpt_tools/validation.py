@@ -26,6 +26,7 @@ from .load import load_checkpoint
 from .modelconfig import build_from_config
 from .presets import get_preset
 from .provenance import ProvenanceReport, WeightSource, provenance_report
+from .remap import coerce_rules
 from .sources import HfReference, hub_reference
 from .targets import checkpoint_side, module_side
 
@@ -175,7 +176,8 @@ def validate(source: str | Path, *, model: str | None = None, model_config: str 
              revision: str | None = None, endpoint: str | None = None, token: str | None = None,
              cache_dir: str | Path | None = None, lock: str | Path | None = None,
              convert: str | Path | None = None, overwrite: bool = False,
-             allow_random: bool = False, select: str | None = None, inert: bool = False) -> ValidationReport:
+             allow_random: bool = False, select: str | None = None, inert: bool = False,
+             auto_remap: bool = False) -> ValidationReport:
     """Validate a checkpoint against the model it is meant for; see the module docstring.
 
     ``device``: where the target model is built (``meta``: a skeleton; tensors loaded into it are
@@ -184,11 +186,12 @@ def validate(source: str | Path, *, model: str | None = None, model_config: str 
     ``overwrite`` (as ``ckpt convert --force``). ``force``: go on past a failing key check.
     ``allow_random``: a model built for real may keep randomly initialised parameters after the
     load (by default any such parameter fails the verdict). ``select``/``inert``: as
-    ``open_checkpoint``, for every read of the checkpoint.
+    ``open_checkpoint``, for every read of the checkpoint. ``auto_remap``: apply the remap rules
+    inferred when keys do not match, in the diff, the conversion and the load (always reported).
     """
     if model is None and model_config is None:
         build_target(model, model_config)  # raises the usage error before anything is opened
-    options = {"remap": remap, "expect_missing": expect_missing, "require": require}
+    options = {"remap": remap, "expect_missing": expect_missing, "require": require, "auto_remap": auto_remap}
     reading = {"select": select, "inert": inert}
     ref = hub_reference(str(source), revision=revision, filename=get_preset(model).filename if model else None)
     remote = download = skeleton = None
@@ -262,7 +265,10 @@ def _validate_local(local, given: str, make_target: Callable[[], Target], option
     if convert is not None and not keys.ok and not force:
         report.stopped = "the key check failed: not converted (pass --force to convert anyway)"
     elif convert is not None:
-        report.conversion = convert_to_safetensors(local, convert, rules=options["remap"], force=overwrite, **reading)
+        rules = coerce_rules(options["remap"]) + (list(keys.inference.rules) if keys.auto_remapped else [])
+        report.conversion = convert_to_safetensors(local, convert, rules=rules, force=overwrite, **reading)
+        # the converted file has the remapped names already: only the preset's own rules still apply
+        options = {**options, "remap": None, "auto_remap": False}
         reading = {}  # the converted file is one state dict
         load_from = convert
     if load:

@@ -51,6 +51,12 @@ _LLAMA_TOKENS = {"tokenizer_length": 32003, "eoc_token_id": 32000, "media_token_
 _EMBED_OUT_TO_LM_HEAD = ({"rename": [r"^lang_encoder\.embed_out\.", "lang_encoder.lm_head."]},)
 # OpenFlamingo v1 saved every cross-attention tensor a second time under this alias
 _DROP_V1_ALIASES = ({"drop": "lang_encoder.gated_cross_attn_layers.*"},)
+# A full OpenFlamingo state dict (``torch.save(model.state_dict())`` with the reference package)
+# keeps each LM block under ``blocks.N.decoder_layer.`` and reaches every decoder and xattn block
+# under second names too (``old_decoder_blocks``, ``gated_cross_attn_layers``): the same tensors.
+# Every preset reads such a file; the rules change nothing in a published trainable-only file.
+FULL_STATE_DICT = ({"rename": [r"\.decoder_layer\.", "."]},
+                   {"drop": ["lang_encoder.old_decoder_blocks.*", "lang_encoder.gated_cross_attn_layers.*"]})
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,7 @@ class FlamingoSpec:
     def preset(self) -> ModelPreset:
         return ModelPreset(
             name=self.name, build=self.build, description=self.description, repo_id=self.repo_id,
-            filename=self.filename, remap=[dict(rule) for rule in self.remap],
+            filename=self.filename, remap=[dict(rule) for rule in (*self.remap, *FULL_STATE_DICT)],
             expect_missing=expect_missing_globs(self.family), require=require_globs(self.family),
             hints=checks.hints, post_load_checks=checks.post_load_checks, info=self.info())
 

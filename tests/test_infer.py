@@ -4,16 +4,18 @@ rename them, and negative controls that must stay quiet."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 import torch
 from torch import nn
 
-from ckpt_tools.diff import compare, mapping_side, module_side, preset_side
+from ckpt_tools.diff import compare
 from ckpt_tools.infer import Inference, infer_rules
 from ckpt_tools.meta import TensorMeta
 from ckpt_tools.remap import Rule, apply_remap, rules_from_file
+from ckpt_tools.targets import mapping_side, module_side, preset_side
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -452,3 +454,69 @@ def test_a_layer_that_fits_at_several_offsets_is_ambiguous():
     assert inference.rules == []
     assert inference.ambiguous == [{"side": "checkpoint", "key": "layers.7.w",
                                     "candidates": ["layers.0.w", "layers.1.w", "layers.2.w", "layers.3.w"]}]
+
+
+# ---------------------------------------------------------------------------------------------
+# in the diff, the CLI and the presets
+
+
+def test_the_presets_read_a_full_openflamingo_state_dict(reference_state_dict, flamingo_tiny):
+    report = compare(mapping_side(reference_state_dict, "full"), flamingo_tiny)
+    assert (report.verdict, report.counts["matched"], report.inference) == ("ok", 149, None)
+
+
+@pytest.fixture(scope="module")
+def renamed_flamingo(reference_state_dict, tmp_path_factory):
+    """The full state dict after a refactor renamed the perceiver's layers (``layers`` -> ``blocks``),
+    its gates opened as training does (a closed gate means the cross-attention never landed)."""
+    import copy
+
+    state = copy.deepcopy(reference_state_dict)  # keeps the alias names on shared tensors
+    for key, value in state.items():
+        if key.endswith(("attn_gate", "ff_gate")):
+            value.fill_(0.5)
+    renamed = {k.replace("perceiver.layers.", "perceiver.blocks."): v for k, v in state.items()}
+    path = tmp_path_factory.mktemp("renamed") / "renamed.pt"
+    torch.save(renamed, path)
+    return path
+
+
+def test_a_renamed_checkpoint_fails_and_says_which_rules_make_it_ok(renamed_flamingo, run_cli):
+    result = run_cli("diff", renamed_flamingo, "--model", "openflamingo-tiny", "--format", "json")
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["inferred_rules"] == [{"rename": ["^perceiver\\.blocks\\.", "perceiver.layers."], "maps": 66}]
+    assert data["inference"]["with_rules"]["verdict"] == "ok"
+
+
+def test_auto_remap_applies_the_inferred_rules_and_says_so(renamed_flamingo, run_cli):
+    result = run_cli("diff", renamed_flamingo, "--model", "openflamingo-tiny", "--auto-remap", "--format", "json")
+    assert result.exit_code == 0, result.stdout[-2000:]
+    data = json.loads(result.stdout)
+    assert (data["verdict"], data["auto_remap"], len(data["inferred_rules"])) == ("ok", True, 1)
+
+
+def test_written_rules_make_the_checkpoint_fit_in_every_command(renamed_flamingo, run_cli, tmp_path):
+    rules = tmp_path / "fix.toml"
+    written = run_cli("diff", renamed_flamingo, "--model", "openflamingo-tiny", "--write-rules", rules)
+    assert f"wrote 1 inferred rules to {rules}" in written.stderr
+    assert run_cli("diff", renamed_flamingo, "--model", "openflamingo-tiny", "--rules", rules).exit_code == 0
+    converted = run_cli("convert", renamed_flamingo, tmp_path / "fit.safetensors", "--rules", rules)
+    assert converted.exit_code == 0, converted.stderr
+    assert run_cli("diff", tmp_path / "fit.safetensors", "--model", "openflamingo-tiny").exit_code == 0
+
+
+def test_convert_with_auto_remap_names_the_rules_it_applied(renamed_flamingo, run_cli, tmp_path):
+    result = run_cli("convert", renamed_flamingo, tmp_path / "auto.safetensors", "--auto-remap",
+                     "--model", "openflamingo-tiny", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["inferred_rules"] == [{"rename": ["^perceiver\\.blocks\\.", "perceiver.layers."]}]
+
+
+def test_load_checkpoint_with_auto_remap_lands_every_tensor(renamed_flamingo):
+    from ckpt_tools import load_checkpoint
+    from ckpt_tools.presets import get_preset
+
+    preset = get_preset("openflamingo-tiny")
+    report = load_checkpoint(renamed_flamingo, preset.build(device="meta"), preset=preset, auto_remap=True)
+    assert (report.load["verified"], report.auto_remapped) == (True, True)

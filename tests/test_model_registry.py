@@ -52,9 +52,12 @@ def test_presets_are_registered_through_the_entry_point():
     assert nine.info["lang_encoder_revision"] == "68e1a8e0ebb9b30f3c45c1ef6195980f29063ae2"
     assert nine.info["cross_attn_every_n_layers"] == 4
     assert nine.info["decoder_layers_attr_name"] == "transformer.blocks"
+    full_state_dict = [{"rename": [r"\.decoder_layer\.", "."]},
+                       {"drop": ["lang_encoder.old_decoder_blocks.*", "lang_encoder.gated_cross_attn_layers.*"]}]
     assert found["openflamingo-4b-vitl-rpj3b"].remap == [
-        {"rename": [r"^lang_encoder\.embed_out\.", "lang_encoder.lm_head."]}]
-    assert found["openflamingo-9b-deprecated"].remap == [{"drop": "lang_encoder.gated_cross_attn_layers.*"}]
+        {"rename": [r"^lang_encoder\.embed_out\.", "lang_encoder.lm_head."]}, *full_state_dict]
+    assert found["openflamingo-9b-deprecated"].remap == [{"drop": "lang_encoder.gated_cross_attn_layers.*"},
+                                                          *full_state_dict]
 
 
 def test_registry_imports_without_torch_and_serves_remap_presets():
@@ -63,9 +66,9 @@ def test_registry_imports_without_torch_and_serves_remap_presets():
 
     code = ("import sys; from ckpt_tools.presets import available_presets; available_presets(); "
             "from ckpt_tools.remap import preset_rules; print([r.to_dict() for r in "
-            "preset_rules('openflamingo-9b-deprecated')], 'torch' in sys.modules)")
+            "preset_rules('openflamingo-9b-deprecated')][0], 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[{'drop': 'lang_encoder.gated_cross_attn_layers.*'}] False"
+    assert out.strip() == "{'drop': 'lang_encoder.gated_cross_attn_layers.*'} False"
 
 
 @pytest.mark.parametrize("name", PUBLISHED)

@@ -1,0 +1,30 @@
+"""``convert_fitting``: convert a checkpoint with the remap rules inferred against a target.
+
+``ckpt convert SRC DST --auto-remap --model TARGET``: the key diff against the target infers the
+rules that make the checkpoint's names fit (``infer.py``), and the conversion applies them after
+the user's own; the result names every rule applied. Never silent: a checkpoint for which no rule
+helps is converted with the user's rules alone, and the result says that nothing was inferred.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .convert import ConversionResult, convert_to_safetensors
+from .diff import diff_keys
+from .remap import coerce_rules
+
+
+def convert_fitting(src: str | Path, dst: str | Path, target, *, rules=None, select: str | None = None,
+                    inert: bool = False, **convert_options) -> ConversionResult:
+    """Convert ``src`` to safetensors at ``dst`` with ``rules`` plus the rules inferred against
+    ``target`` (anything ``diff_keys`` takes as a target)."""
+    rules = coerce_rules(rules)
+    report = diff_keys(src, target, remap=rules, select=select, inert=inert, auto_remap=True)
+    inferred = list(report.inference.rules) if report.inference else []
+    result = convert_to_safetensors(src, dst, rules=rules + inferred, select=select, inert=inert,
+                                    **convert_options)
+    result.inferred_rules = [rule.to_dict() for rule in inferred]
+    result.notes.append(f"applied {len(inferred)} remap rules inferred against {report.target}" if inferred
+                        else f"no remap rule inferred against {report.target}: converted with the given rules")
+    return result
