@@ -16,17 +16,19 @@ record that inflates absurdly is refused first. ``scan.py`` resolves SOURCEs and
 from __future__ import annotations
 
 import _compat_pickle
+import ast
 import copyreg
 import io
 import os
 import pickletools
+import struct
 import zipfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from .errors import InvalidCheckpointError
+from .errors import CkptError, InvalidCheckpointError
 from .magic import HEAD_BYTES, detect
 from .render import markdown_table, rich_table
 
@@ -38,7 +40,12 @@ LEGACY_PICKLES = ("magic", "protocol", "sys_info", "object", "storage_keys")
 # treated as a zip bomb: torch stores its records uncompressed.
 BOMB_RATIO, BOMB_FLOOR = 100, 16 * 1024 * 1024
 MAX_LINE = 16 * 1024 * 1024  # longest text-protocol line we read (one GLOBAL, STRING, ...)
+MAX_TITLE_PICKLES = 8  # pickles named in a table's title; the rest are counted
 BAD_FILE = "the file is damaged or not a checkpoint: download or save it again"
+# zip flag bits torch's reader ignores (it reads stored records as they are): a record flagged so is
+# read differently by Python's zipfile, so a scanner and a loader would not see the same bytes
+SUSPICIOUS_FLAG_BITS = {0: "encrypted", 5: "compressed patched data", 6: "strongly encrypted"}
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 
 # Opcodes the weights-only unpickler implements; any other makes torch refuse the file even
 # when every global is allowed (reported as a note, the verdict is about code, not opcodes).
@@ -111,13 +118,23 @@ class ScanReport:
                  g["pickle"]] for g in self.globals]
 
     def _headline(self) -> str:
+        if not self.pickles:
+            return f"{self.source}: safe, no pickle: nothing to scan ({self.format})"
+        counted = f"{len(self.pickles)} pickle{'s' if len(self.pickles) != 1 else ''}"
         if self.verdict == "safe":
-            return f"{self.source}: safe ({len(self.globals)} globals, all on the weights-only allow-list)"
-        return f"{self.source}: UNSAFE, imports or calls {', '.join(self.offenders)}"
+            return (f"{self.source}: safe ({counted}, {len(self.globals)} globals, all on the weights-only "
+                    "allow-list)")
+        return f"{self.source}: UNSAFE, imports or calls {', '.join(self.offenders)} ({counted} walked)"
+
+    def _title(self) -> str:
+        shown = ", ".join(self.pickles[:MAX_TITLE_PICKLES])
+        more = f" and {len(self.pickles) - MAX_TITLE_PICKLES} more" if len(self.pickles) > MAX_TITLE_PICKLES else ""
+        return f"{self.format}: pickles {shown}{more}"
 
     def to_markdown(self) -> str:
         lines = [f"**{self._headline()}**", ""]
-        lines.append(markdown_table(["global", "allowed", "calls", "pickle"], self._rows()))
+        if self.globals:
+            lines.append(markdown_table(["global", "allowed", "calls", "pickle"], self._rows()))
         lines += [f"- note: {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
 
@@ -126,10 +143,12 @@ class ScanReport:
         from rich.text import Text
 
         style = "bold green" if self.verdict == "safe" else "bold red"
-        table = rich_table(f"{self.format}: pickles {', '.join(self.pickles) or '(none)'}",
-                           ["global", "allowed", "calls", "pickle"], self._rows(), justify_right=("calls",))
-        notes = [Text(f"note: {n}", style="dim") for n in self.notes]
-        return Group(Text(self._headline(), style=style), table, *notes)
+        parts = [Text(self._headline(), style=style)]
+        if self.globals:
+            parts.append(rich_table(self._title(), ["global", "allowed", "calls", "pickle"], self._rows(),
+                                    justify_right=("calls",)))
+        parts += [Text(f"note: {n}", style="dim") for n in self.notes]
+        return Group(*parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,19 +450,58 @@ def _refuse_bombs(infos: list[zipfile.ZipInfo], source: str) -> None:
 
 
 def check_zip_records(fileobj_or_path: str | os.PathLike | BinaryIO, source: str) -> None:
-    """Refuse a zip whose records inflate absurdly, before torch.load inflates them in memory.
+    """Refuse a zip that a loader and a scanner could read differently, before anything reads it.
 
-    torch itself stores records uncompressed; a damaged directory is left for torch to report.
+    torch stores every record plainly; an archive whose records inflate absurdly (a bomb), are
+    flagged encrypted or patched, or whose pickle records' local headers disagree with the central
+    directory (name, method, sizes) or fail their CRC is refused in one line: the bytes a scanner
+    checks must be the bytes a loader runs. A directory too damaged to list is left to the reader.
     """
     try:
         with zipfile.ZipFile(fileobj_or_path) as archive:
             infos = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+            _refuse_bombs(infos, source)
+            for info in infos:
+                _check_flags(info, source)
+            for info in infos:
+                if info.filename.endswith(".pkl"):
+                    _check_local_header(archive.fp, info, source)
+    except CkptError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error):
         return
     finally:
         if hasattr(fileobj_or_path, "seek"):
             fileobj_or_path.seek(0)
-    _refuse_bombs(infos, source)
+
+
+def _check_flags(info: zipfile.ZipInfo, source: str) -> None:
+    for bit, what in SUSPICIOUS_FLAG_BITS.items():
+        if info.flag_bits & (1 << bit):
+            raise InvalidCheckpointError(
+                f"record '{info.filename}' is flagged {what} (zip flag bit {bit}), which torch's reader ignores "
+                "and a scanner cannot read the same way", path=source, fix=BAD_FILE)
+
+
+def _check_local_header(handle: BinaryIO, info: zipfile.ZipInfo, source: str) -> None:
+    """The local header of a pickle record says what the central directory says, and its bytes
+    have the CRC the directory promises."""
+    handle.seek(info.header_offset)
+    (signature, _version, flags, method, _time, _date, crc, compressed, size, name_len,
+     extra_len) = _LOCAL_HEADER.unpack(handle.read(_LOCAL_HEADER.size))
+    name = handle.read(name_len).decode("utf-8" if flags & 0x800 else "cp437", "replace")
+    described = flags & 0x8  # sizes and CRC follow the data instead
+    flags_differ = any((flags ^ info.flag_bits) & (1 << bit) for bit in (3, *SUSPICIOUS_FLAG_BITS))
+    if signature != b"PK\x03\x04" or name != info.filename or method != info.compress_type or flags_differ or (
+            not described and (compressed, size, crc) != (info.compress_size, info.file_size, info.CRC)):
+        raise InvalidCheckpointError(
+            f"record '{info.filename}': its local header disagrees with the zip's central directory",
+            path=source, fix=BAD_FILE)
+    if info.compress_type != zipfile.ZIP_STORED:
+        return  # inflating checks the CRC itself
+    handle.seek(info.header_offset + _LOCAL_HEADER.size + name_len + extra_len)
+    if zlib.crc32(handle.read(info.file_size)) != info.CRC:
+        raise InvalidCheckpointError(f"record '{info.filename}' fails its CRC check", path=source, fix=BAD_FILE)
 
 
 def _scan_zip(report: ScanReport, fileobj: BinaryIO, allow) -> None:
@@ -456,7 +514,8 @@ def _scan_zip(report: ScanReport, fileobj: BinaryIO, allow) -> None:
     if not records:
         raise InvalidCheckpointError("zip archive without a .pkl record (not a torch checkpoint)",
                                      path=report.source, fix=BAD_FILE)
-    _refuse_bombs(infos, report.source)
+    fileobj.seek(0)
+    check_zip_records(fileobj, report.source)
     for info in records:
         try:
             with archive.open(info) as member:
@@ -540,3 +599,75 @@ def unsafe_globals(fileobj_or_path: str | os.PathLike | BinaryIO) -> list[str]:
         return scan_file(fileobj_or_path, str(getattr(fileobj_or_path, "name", "<file object>"))).offenders
     with open(fileobj_or_path, "rb") as handle:
         return scan_file(handle, str(fileobj_or_path)).offenders
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy files: a numeric array holds no code; an object array is a pickle
+
+NUMPY_MAGIC = b"\x93NUMPY"
+
+
+def numpy_header(fileobj: BinaryIO, source: str) -> tuple[dict, int]:
+    """The header dict of a ``.npy`` stream (read as a literal, never evaluated) and where the data starts."""
+    magic = fileobj.read(8)
+    if magic[:6] != NUMPY_MAGIC or len(magic) < 8:
+        raise InvalidCheckpointError("not a NumPy .npy file", path=source, fix=BAD_FILE)
+    width = 2 if magic[6] == 1 else 4
+    raw = fileobj.read(width)
+    if len(raw) < width:
+        raise InvalidCheckpointError("a NumPy header cut short", path=source, fix=BAD_FILE)
+    (length,) = struct.unpack("<H" if width == 2 else "<I", raw)
+    if length > MAX_LINE:
+        raise InvalidCheckpointError(f"a NumPy header of {length} bytes (absurd)", path=source, fix=BAD_FILE)
+    text = fileobj.read(length)
+    try:
+        header = ast.literal_eval(text.decode("latin-1"))
+    except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
+        raise InvalidCheckpointError(f"the NumPy header is not a literal dict ({type(exc).__name__})", path=source,
+                                     fix=BAD_FILE) from None
+    if not isinstance(header, dict) or "descr" not in header:
+        raise InvalidCheckpointError("the NumPy header has no 'descr'", path=source, fix=BAD_FILE)
+    return header, 8 + width + length
+
+
+def _holds_objects(descr) -> bool:
+    """Whether a NumPy dtype description has an object field anywhere (``'|O'``, or in a record)."""
+    if isinstance(descr, str):
+        return "O" in descr
+    if isinstance(descr, list | tuple):
+        return any(_holds_objects(part) for part in descr)
+    return True  # anything else is not a dtype NumPy writes: treat it as able to hold objects
+
+
+def scan_numpy(report: ScanReport, fileobj: BinaryIO, size: int, record: str) -> None:
+    """One ``.npy`` stream: a numeric array is noted safe; an object array's pickle is walked."""
+    header, data_start = numpy_header(fileobj, report.source)  # the stream is now at the data
+    if not _holds_objects(header["descr"]):
+        report.notes.append(f"{record}: NumPy array of {header['descr']} {tuple(header.get('shape', ()))}, "
+                            "no pickle: loading it runs no code")
+        return
+    _scan_one(report, fileobj, size - data_start, record, allow_list())
+
+
+def scan_npz(report: ScanReport, fileobj: BinaryIO) -> None:
+    """A ``.npz`` archive: every ``.npy`` member, read in order (an object member's pickle is walked)."""
+    check_zip_records(fileobj, report.source)
+    try:
+        with zipfile.ZipFile(fileobj) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as member:
+                    scan_numpy(report, member, info.file_size, info.filename)
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError) as exc:
+        raise InvalidCheckpointError(f"unreadable .npz archive ({exc})", path=report.source, fix=BAD_FILE) from None
+
+
+def is_npz(fileobj: BinaryIO) -> bool:
+    """A zip whose members are all ``.npy`` arrays (what numpy.savez writes), not a torch archive."""
+    try:
+        with zipfile.ZipFile(fileobj) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return False
+    finally:
+        fileobj.seek(0)
+    return bool(names) and all(name.endswith(".npy") for name in names)

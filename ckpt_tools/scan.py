@@ -15,7 +15,16 @@ from typing import BinaryIO
 from .errors import InvalidCheckpointError
 from .formats.safetensors import SafetensorsCheckpoint
 from .http import RangeFile
-from .pickle_safety import BAD_FILE, ScanReport, merge_reports, scan_file, unsafe_globals
+from .pickle_safety import (
+    BAD_FILE,
+    ScanReport,
+    is_npz,
+    merge_reports,
+    scan_file,
+    scan_npz,
+    scan_numpy,
+    unsafe_globals,
+)
 from .sources import Source, resolve
 
 REMOTE_BUFFER = 64 * 1024
@@ -43,8 +52,10 @@ def scan_pickle(source: str | os.PathLike | BinaryIO) -> ScanReport:
 def _scan_one(resolved: Source) -> ScanReport:
     if resolved.format == "safetensors":
         return _scan_safetensors(resolved)
+    if resolved.format == "numpy" or (resolved.format == "zip" and resolved.path is not None and _npz(resolved.path)):
+        return _scan_numpy(resolved)
     if resolved.format not in ("zip", "pickle", "torch-legacy"):
-        raise InvalidCheckpointError("not a pickle, a torch zip archive or a safetensors file",
+        raise InvalidCheckpointError("not a pickle, a torch zip archive, a NumPy file or a safetensors file",
                                      path=resolved.given, fix=BAD_FILE)
     if isinstance(resolved.fileobj, RangeFile):  # the walker reads byte by byte: buffer the ranges
         return scan_file(io.BufferedReader(resolved.fileobj, REMOTE_BUFFER), resolved.given, resolved.size,
@@ -56,6 +67,22 @@ def _scan_one(resolved: Source) -> ScanReport:
             report = scan_file(handle, resolved.given, resolved.size, resolved.format)
     finally:
         resolved.close()
+    return report
+
+
+def _npz(path) -> bool:
+    with open(path, "rb") as handle:
+        return is_npz(handle)
+
+
+def _scan_numpy(resolved: Source) -> ScanReport:
+    """``.npy``: a numeric array holds no code, an object array a pickle (walked); ``.npz``: each member."""
+    report = ScanReport(resolved.given, resolved.format if resolved.format == "numpy" else "npz")
+    with open(resolved.path, "rb") as handle:
+        if resolved.format == "numpy":
+            scan_numpy(report, handle, resolved.size, resolved.name)
+        else:
+            scan_npz(report, handle)
     return report
 
 

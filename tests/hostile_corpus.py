@@ -109,9 +109,37 @@ def _rezip(data: bytes, edit: Callable[[str, bytes], tuple[str, bytes] | None],
     return out.getvalue()
 
 
+def _patch_record(data: bytes, name: str, *, local: dict | None = None, central: dict | None = None) -> bytes:
+    """Rewrite fields of one record's local header and/or central-directory entry in place:
+    ``flags`` (ORed in), ``crc``, ``name`` (same length)."""
+    out = bytearray(data)
+    for signature, fields, flags_at, crc_at, name_len_at, name_at in (
+            (b"PK\x03\x04", local or {}, 6, 14, 26, 30), (b"PK\x01\x02", central or {}, 8, 16, 28, 46)):
+        start = 0
+        while (start := out.find(signature, start)) >= 0:
+            (length,) = struct.unpack_from("<H", out, start + name_len_at)
+            if bytes(out[start + name_at:start + name_at + length]).decode() .endswith(name) and fields:
+                if "flags" in fields:
+                    (flags,) = struct.unpack_from("<H", out, start + flags_at)
+                    struct.pack_into("<H", out, start + flags_at, flags | fields["flags"])
+                if "crc" in fields:
+                    struct.pack_into("<I", out, start + crc_at, fields["crc"])
+                if "name" in fields:
+                    out[start + name_at:start + name_at + length] = fields["name"].encode()
+            start += 4
+    return bytes(out)
+
+
 def _nested_pickle(depth: int) -> bytes:
     # {"a": {"a": ... {} ...}} written iteratively: pickle.dumps would hit the recursion limit
     return b"\x80\x02" + b"}X\x01\x00\x00\x00a" * depth + b"}" + b"s" * depth + b"."
+
+
+def _renamed_pickle(data: bytes) -> str:
+    """The pickle record's name with its last letters changed (same length)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+    return name[:-3] + "pkx"
 
 
 def torch_cases() -> dict[str, tuple[bytes, dict]]:
@@ -140,6 +168,15 @@ def torch_cases() -> dict[str, tuple[bytes, dict]]:
         "zip-tuple-keys.pt": (_torch_save({("a", 1): sd["w"]}), SCAN_OK),
         "zip-no-tensors.pt": (_torch_save({"epoch": 3, "lr": 0.1}), SCAN_OK),
         "zip-garbage-pickle.pt": (swap_pickle(b"\x80\x02\xff\xfe garbage"), {}),
+        # records a loader and a scanner could read differently (torch's reader ignores these bits)
+        **{f"zip-pickle-flag-bit-{bit}.pt": (_patch_record(good_zip, "data.pkl", local={"flags": 1 << bit},
+                                                           central={"flags": 1 << bit}), {})
+           for bit in (0, 5, 6)},
+        "zip-pickle-flag-bit-3-in-local-header-only.pt": (
+            _patch_record(_rezip(good_zip, lambda n, b: (n, b)), "data.pkl", local={"flags": 1 << 3}), {}),
+        "zip-local-header-names-another-record.pt": (
+            _patch_record(good_zip, "data.pkl", local={"name": _renamed_pickle(good_zip)}), {}),
+        "zip-pickle-bad-crc.pt": (_patch_record(good_zip, "data.pkl", local={"crc": 0}, central={"crc": 0}), {}),
         "plain-pickle.pkl": (pickle.dumps({"a": [1, 2, 3]}, protocol=4), SCAN_OK),
         "zip-nan-only.pt": (_torch_save(nan), VALID),
         "legacy-nan-only.pt": (_torch_save(nan, legacy=True), VALID),

@@ -396,3 +396,38 @@ def test_cli_table_and_markdown_name_the_offender(tmp_path, run_cli):
     assert table.exit_code == 1 and f"UNSAFE, imports or calls {SYSTEM}" in table.stdout
     md = run_cli("scan", evil, "--format", "markdown")
     assert f"| {SYSTEM} | NO | 1 | evil/data.pkl |" in md.stdout
+
+
+def test_a_numeric_numpy_array_is_safe_without_a_pickle(tmp_path, run_cli):
+    import numpy as np
+
+    np.save(tmp_path / "ints.npy", np.arange(10))
+    result = run_cli("scan", tmp_path / "ints.npy")
+    assert result.exit_code == 0
+    assert "safe, no pickle: nothing to scan (numpy)" in result.stdout
+
+
+def test_an_object_numpy_array_is_scanned_as_the_pickle_it_holds(tmp_path, run_cli):
+    import numpy as np
+
+    np.save(tmp_path / "objs.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    report = scan_pickle(tmp_path / "objs.npy")
+    assert report.verdict == "unsafe"
+    assert "numpy.ndarray" in report.offenders
+
+
+def test_an_npz_is_scanned_member_by_member(tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "mix.npz", a=np.arange(3), b=np.array([{"x": 2}], dtype=object))
+    report = scan_pickle(tmp_path / "mix.npz")
+    assert (report.format, report.pickles, report.verdict) == ("npz", ["b.npy"], "unsafe")
+
+
+def test_a_safetensors_scan_prints_no_empty_table(tmp_path, run_cli):
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(1)}, str(tmp_path / "a.safetensors"))
+    result = run_cli("scan", tmp_path / "a.safetensors")
+    assert result.exit_code == 0
+    assert "global" not in result.stdout
