@@ -23,7 +23,7 @@ from .convert import convert_to_safetensors
 from .diff import diff_keys
 from .errors import CkptError, UsageError
 from .fit import convert_fitting
-from .fs import atomic_write
+from .fs import atomic_write, check_output_name
 from .html import render_html
 from .inspect import inspect_checkpoint
 from .remap import rules_from_cli
@@ -35,6 +35,7 @@ from .validation import validate as run_validate
 from .version import VERSION
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+OUTPUT_KINDS = {"json": "JSON", "html": "HTML", "markdown": "markdown", "table": "text"}  # --output FILE's bytes
 STDOUT_KEY, FORMAT_KEY, OUTPUT_KEY, ARGV_KEY = "ckpt.stdout", "ckpt.format", "ckpt.output", "ckpt.argv"
 
 
@@ -99,6 +100,7 @@ def reader_options(func):
 
 def write_inferred_rules(report, path: str) -> None:
     """The ``--write-rules FILE`` of diff: the inferred rules as a rules file, or a line saying why not."""
+    check_output_name(path, "TOML")
     if report.inference is None:
         click.echo(f"no remap rule was inferred: {path} not written", err=True)
         return
@@ -132,6 +134,7 @@ def emit(report) -> None:
     else:
         render(report, fmt, stream=stream)
     if output:
+        check_output_name(output, OUTPUT_KINDS[fmt])
         if not Path(output).parent.is_dir():
             raise UsageError("the output's folder does not exist", path=output,
                              fix=f"create it first (mkdir -p {Path(output).parent})")

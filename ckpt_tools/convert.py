@@ -35,7 +35,7 @@ from .convert_plan import (
 from .errors import IntegrityError, InvalidCheckpointError, OutputExistsError, UsageError
 from .formats import open_checkpoint
 from .formats.safetensors import parse_header
-from .fs import AtomicFile, AtomicFolder, check_outputs, disk_full_as_error
+from .fs import AtomicFile, AtomicFolder, check_output_name, check_outputs, disk_full_as_error
 from .remap import Rule, coerce_rules, rules_to_json
 from .render import human_bytes, markdown_table, rich_table
 from .safetensors_writer import FileRange, chunk_bytes_view, tensor_chunks, write_safetensors
@@ -149,6 +149,8 @@ def convert_to_safetensors(src: str | Path, dst: str | Path, *, rules=None,
         plan = plan_conversion(checkpoint.metas(), checkpoint.aliases, rules, dst, dtype=dtype,
                                max_shard_size=max_shard_size, source=str(src))
         extras_file = Path(extras_path) if extras_path else None
+        if extras_file:
+            check_output_name(extras_file, "JSON")
         destination = plan.destination
         _check_destination(destination, plan.outputs + [p for p in (destination.index, extras_file) if p],
                            checkpoint.files, force)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RemapError, UsageError
+from .fs import check_output_name
 from .meta import FLOAT_DTYPES, TensorMeta
 from .remap import RemapResult, Rule, apply_remap
 
@@ -152,6 +153,7 @@ def destination_of(dst: str | Path, max_shard_size: str | int | None) -> Destina
                          fix="pass a folder as DST (e.g. out/) or drop --max-shard-size")
     if max_shard_size is not None or folder:
         return Destination(path, True, parse_size(max_shard_size or DEFAULT_SHARD_SIZE))
+    check_output_name(path, "safetensors")
     return Destination(path, False, None)
 
 

@@ -171,6 +171,16 @@ def _quiet_libraries() -> None:
     logging.getLogger("open_clip").setLevel(logging.ERROR)
 
 
+def _relative_paths(kwargs: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Absolute paths inside ``folder`` written as ``./...`` relative to it."""
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(folder):
+            value = "./" + Path(value).relative_to(folder).as_posix()
+        out[key] = value
+    return out
+
+
 def run_demo(*, preset: str = DEFAULT_PRESET, keep: str | Path | None = None, seed: int = 0,
              progress: Callable[[DemoStep], None] | None = None) -> DemoReport:
     """Build, publish, serve, validate (pin, remote diff, download, convert, load), generate."""
@@ -198,7 +208,9 @@ def run_demo(*, preset: str = DEFAULT_PRESET, keep: str | Path | None = None, se
                 note["detail"] = (f"{kit.lm_repo_id} pinned to {lm.commit[:7]}: {len(lm.files)} files, "
                                   "sha256-verified")
             config = work / "model.json"
-            config.write_text(json.dumps(kit.factory_kwargs(assets, lm_commit=lm.commit, cache_dir=cache)))
+            # paths relative to the config's folder, so a kept copy (--keep) still points at kept files
+            kwargs = kit.factory_kwargs(assets, lm_commit=lm.commit, cache_dir=cache)
+            config.write_text(json.dumps(_relative_paths(kwargs, work), indent=2))
             (work / "out").mkdir()
             with steps.step("validate") as note:
                 result = validate(f"hf://{kit.repo_id}@main/{kit.filename}", model=preset, model_config=config,

@@ -93,3 +93,18 @@ class LoadRefusedError(CkptError, RuntimeError):
     def __init__(self, message: str, *, report=None, **kw) -> None:
         self.report = report
         super().__init__(message, **kw)
+
+
+def foreign_message(exc: BaseException | str, limit: int = 160) -> str:
+    """Another library's error message fit for one line: its first line, then its first sentence,
+    then cut at a word boundary with an ellipsis, never mid-word or mid-sentence without saying so."""
+    text = (str(exc).strip().splitlines() or [""])[0].strip()
+    if not text:
+        return type(exc).__name__ if isinstance(exc, BaseException) else ""
+    end = text.find(". ")
+    if 0 < end < limit:
+        return text[:end + 1]
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0].rstrip(",;:")
+    return cut + "…"

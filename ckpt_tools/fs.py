@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from .errors import CkptError, DiskFullError, OutputExistsError
+from .errors import CkptError, DiskFullError, OutputExistsError, UsageError
 
 WRITEBACK_BYTES = 64 * 1024 * 1024
 SYNC_FILE_RANGE_WRITE = 2
@@ -393,3 +393,32 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+# What an output's name promises: the extensions of each kind of bytes the toolkit writes (and of
+# the formats a user may mistake one for). A name ending in one kind's extension must hold that kind.
+OUTPUT_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "safetensors": (".safetensors",),
+    "torch pickle": (".pt", ".pth", ".bin", ".ckpt", ".tar"),
+    "JSON": (".json",),
+    "TOML": (".toml",),
+    "HTML": (".html", ".htm"),
+    "markdown": (".md", ".markdown"),
+    "text": (".txt", ".log"),
+    "NumPy": (".npy", ".npz"),
+    "plain pickle": (".pkl", ".pickle"),
+    "GGUF": (".gguf",),
+    "ONNX": (".onnx",),
+}
+
+
+def check_output_name(path: str | Path, kind: str, *, otherwise: str = "") -> None:
+    """Refuse to write ``kind`` bytes under a name whose extension promises another format (one line
+    naming the right extension, and ``otherwise`` a way to get the promised one); a name without a
+    known extension is left to the user."""
+    suffix = Path(path).suffix.lower()
+    promised = next((name for name, suffixes in OUTPUT_SUFFIXES.items() if suffix in suffixes), None)
+    if promised is not None and promised != kind:
+        right = OUTPUT_SUFFIXES[kind][0]
+        raise UsageError(f"the name promises {promised} ({suffix}) but this writes {kind}", path=str(path),
+                         fix=f"name it {Path(path).with_suffix(right).name}{otherwise}")

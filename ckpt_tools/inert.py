@@ -57,7 +57,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import InvalidCheckpointError, UnsafePickleError, UnsupportedFormatError
+from .errors import InvalidCheckpointError, UnsafePickleError, UnsupportedFormatError, foreign_message
 from .meta import DTYPES, torch_dtype
 
 _BAD_FILE = "the file is damaged: download or save it again"
@@ -630,8 +630,7 @@ def _unpickle(stream, uses: dict[str, GlobalUse], record: str, source: str, on_s
         raise _damaged(source, f"pickle '{record}': {exc}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
             OverflowError, MemoryError, RecursionError, UnicodeDecodeError, struct.error) as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160] or type(exc).__name__
-        raise _damaged(source, f"pickle '{record}' is corrupt ({first})") from None
+        raise _damaged(source, f"pickle '{record}' is corrupt ({foreign_message(exc)})") from None
 
 
 def _damaged(source: str, what: str) -> InvalidCheckpointError:
@@ -736,7 +735,7 @@ def read_zip(fileobj: BinaryIO, source: str, *, locate: bool = True, inert: bool
             NotImplementedError) as exc:
         if isinstance(exc, InvalidCheckpointError | UnsupportedFormatError):
             raise
-        raise _damaged(source, f"unreadable zip archive ({str(exc)[:160]})") from None
+        raise _damaged(source, f"unreadable zip archive ({foreign_message(exc)})") from None
     uses: dict[str, GlobalUse] = {}
     storages = _Storages(legacy=False)
     notes: list[str] = []

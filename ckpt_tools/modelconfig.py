@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import UsageError, foreign_message
 from .presets import available_presets
 
 FACTORY_GROUP = "ckpt_tools.factories"
@@ -56,14 +56,20 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError("a model config must be a table of keyword arguments", path=str(path),
                          fix='write e.g. {"lang_encoder_path": "lm", ...}')
-    return {key: _resolve(key, value, path.parent) for key, value in data.items()}
+    return {key: _resolve(key, value, path.parent, path) for key, value in data.items()}
 
 
-def _resolve(key: str, value: Any, folder: Path) -> Any:
-    if not isinstance(value, str) or not value or Path(value).is_absolute():
+def _resolve(key: str, value: Any, folder: Path, config: Path) -> Any:
+    """A path-like value resolved against the config's folder; an explicit path (``/``, ``./``,
+    ``../``, ``~``) that leads nowhere is an error naming the key, where a hub id is left alone."""
+    if not isinstance(value, str) or not value:
         return value
-    candidate = folder / value
-    if value.startswith(("./", "../")) or (key.endswith(_PATH_SUFFIXES) and candidate.exists()):
+    explicit = value.startswith(("/", "./", "../", "~"))
+    candidate = Path(value).expanduser() if value.startswith(("/", "~")) else folder / value
+    if explicit and not candidate.exists():
+        raise UsageError(f"names {candidate}, which does not exist", path=str(config), key=key,
+                         fix="fix the path in the config (relative paths resolve against the config's folder)")
+    if explicit or (key.endswith(_PATH_SUFFIXES) and candidate.exists()):
         return str(candidate.resolve())
     return value
 
@@ -108,7 +114,7 @@ def _import(spec: str, config_path: str | None) -> Callable[..., Any]:
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
-        raise UsageError(f"cannot import model factory {spec!r}: {exc}", path=config_path,
+        raise UsageError(f"cannot import model factory {spec!r}: {foreign_message(exc)}", path=config_path,
                          fix="check the factory's module:attribute path and that its package is installed") from None
     return obj
 
@@ -124,7 +130,7 @@ def build_from_config(path: str | Path, *, device: str | None = "meta", full: bo
     try:
         built = factory(**kwargs)
     except TypeError as exc:
-        raise UsageError(f"the model factory rejected the config: {exc}", path=str(path),
+        raise UsageError(f"the model factory rejected the config: {foreign_message(exc)}", path=str(path),
                          fix="check the keyword names against the factory's arguments") from None
     if full:
         return built

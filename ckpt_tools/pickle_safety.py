@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from .errors import CkptError, InvalidCheckpointError
+from .errors import CkptError, InvalidCheckpointError, foreign_message
 from .magic import HEAD_BYTES, detect
 from .render import markdown_table, rich_table
 
@@ -425,7 +425,7 @@ def _scan_one(report: ScanReport, raw: BinaryIO, limit: int, record: str, allow)
     except (ValueError, EOFError, OverflowError, zipfile.BadZipFile, zlib.error, MemoryError) as exc:
         walker.flush_calls()
         report.pickles.append(record)
-        message = f"pickle '{record}' is malformed near byte {stream.tell()}: {exc}"
+        message = f"pickle '{record}' is malformed near byte {stream.tell()}: {foreign_message(exc)}"
         if report.offenders:
             report.notes.append(message)
             return None
@@ -509,7 +509,7 @@ def _scan_zip(report: ScanReport, fileobj: BinaryIO, allow) -> None:
         archive = zipfile.ZipFile(fileobj)
         infos = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise InvalidCheckpointError(f"unreadable zip archive ({exc})", path=report.source, fix=BAD_FILE) from None
+        raise InvalidCheckpointError(f"unreadable zip archive ({foreign_message(exc)})", path=report.source, fix=BAD_FILE) from None
     records = [i for i in infos if i.filename.endswith(".pkl")]
     if not records:
         raise InvalidCheckpointError("zip archive without a .pkl record (not a torch checkpoint)",
@@ -521,7 +521,7 @@ def _scan_zip(report: ScanReport, fileobj: BinaryIO, allow) -> None:
             with archive.open(info) as member:
                 _scan_one(report, member, info.file_size, info.filename, allow)
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError) as exc:
-            raise InvalidCheckpointError(f"record '{info.filename}' is unreadable ({exc})",
+            raise InvalidCheckpointError(f"record '{info.filename}' is unreadable ({foreign_message(exc)})",
                                          path=report.source, fix=BAD_FILE) from None
 
 
@@ -658,7 +658,7 @@ def scan_npz(report: ScanReport, fileobj: BinaryIO) -> None:
                 with archive.open(info) as member:
                     scan_numpy(report, member, info.file_size, info.filename)
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError) as exc:
-        raise InvalidCheckpointError(f"unreadable .npz archive ({exc})", path=report.source, fix=BAD_FILE) from None
+        raise InvalidCheckpointError(f"unreadable .npz archive ({foreign_message(exc)})", path=report.source, fix=BAD_FILE) from None
 
 
 def is_npz(fileobj: BinaryIO) -> bool:

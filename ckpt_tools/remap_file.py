@@ -15,7 +15,7 @@ from typing import Any
 from .convert import convert_to_safetensors
 from .errors import IntegrityError, UsageError
 from .formats import open_checkpoint
-from .fs import AtomicFile, check_outputs, disk_full_as_error
+from .fs import AtomicFile, check_output_name, check_outputs, disk_full_as_error
 from .remap import apply_remap, coerce_rules
 from .render import markdown_table, rich_table
 
@@ -97,6 +97,7 @@ def _remap_pickle(src, dst, rules, force, kind, files, options) -> RemapCheckpoi
     import torch
 
     dst = Path(dst)
+    check_output_name(dst, "torch pickle", otherwise="; to get safetensors, use `ckpt convert` (it remaps too)")
     check_outputs([dst], files, force)
     with open_checkpoint(src, **options) as checkpoint:
         remap = apply_remap(checkpoint.keys(), rules)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -151,3 +152,25 @@ def test_inspect_names_the_selection_and_what_was_not_executed(tmp_path, run_cli
     assert data["not_executed"] == ["argparse.Namespace"]
     ema = run_cli("inspect", tmp_path / "t.pt", "--select", "state_dict_ema", "--format", "json")
     assert json.loads(ema.stdout)["wrapper"] == "state_dict_ema"
+
+
+@pytest.mark.parametrize(("command", "src", "dst", "right"), [
+    ("remap", "train.pt", "clean.safetensors", "clean.pt"),
+    ("convert", "train.pt", "out.bin", "out.safetensors"),
+    ("remap", "model.safetensors", "x.pt", "x.safetensors"),
+])
+def test_an_output_name_never_lies_about_its_bytes(tmp_path, run_cli, command, src, dst, right):
+    torch.save({"module.a": torch.ones(2)}, tmp_path / "train.pt")
+    save_file({"a": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    result = run_cli(command, tmp_path / src, tmp_path / dst, "--add-prefix", "m.")
+    assert result.exit_code == 2
+    assert f"fix: name it {right}" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / dst).exists()
+
+
+def test_a_report_file_is_named_for_its_format(tmp_path, run_cli):
+    save_file({"a": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    result = run_cli("inspect", tmp_path / "model.safetensors", "--format", "json", "--output", tmp_path / "r.html")
+    assert result.exit_code == 2
+    assert "fix: name it r.json" in result.stderr

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from diffload_models import metas, trained_state
+from safetensors.torch import save_file
 
 from ckpt_tools.diff import diff_keys
 from ckpt_tools.errors import UsageError
@@ -64,3 +66,15 @@ def test_without_a_factory_key_the_error_says_how_to_name_one(tmp_path, monkeypa
     assert '"factory"' in info.value.fix
     monkeypatch.setattr(modelconfig, "_preset_factories", lambda: {"diffload_models:build_tiny"})
     assert find_factory(None).__name__ == "build_tiny"
+
+
+def test_a_config_naming_a_missing_file_is_one_line_naming_the_key(tmp_path, run_cli):
+    config = tmp_path / "model.json"
+    config.write_text(json.dumps({"clip_vision_encoder_path": "./gone/tiny-vit.json"}))
+    checkpoint = tmp_path / "c.safetensors"
+    save_file({"a": torch.ones(1)}, str(checkpoint))
+    result = run_cli("diff", checkpoint, "--model-config", config)
+    assert result.exit_code == 2
+    assert f"key 'clip_vision_encoder_path': names {tmp_path / 'gone' / 'tiny-vit.json'}, which does not exist" \
+        in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -352,3 +352,13 @@ def test_symlink_loop_folder(tmp_path):
     with pytest.raises(CheckpointNotFoundError) as e:
         open_checkpoint(tmp_path / "loop.pt")
     assert "cannot read" in message(e)
+
+
+def test_a_foreign_message_is_cut_at_a_sentence_not_mid_word():
+    from ckpt_tools.errors import foreign_message
+
+    long = ("PytorchStreamReader failed reading zip archive: failed finding central directory. If you are "
+            "seeing this error, there is a high chance that the file is corrupted, truncated or not a zip")
+    assert foreign_message(RuntimeError(long)) == \
+        "PytorchStreamReader failed reading zip archive: failed finding central directory."
+    assert foreign_message("word " * 50) == ("word " * 32).strip() + "…"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from ckpt_tools.errors import RemapError, UsageError
 from ckpt_tools.remap import (
@@ -211,3 +212,32 @@ def test_property_every_key_is_kept_or_dropped_once():
         assert len(set(result.mapping.values())) == len(result.mapping)
 
     check()
+
+
+def test_remap_checkpoint_takes_rules_as_plain_data(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from ckpt_tools import remap_checkpoint
+
+    save_file({"module.a": torch.ones(2)}, str(tmp_path / "in.safetensors"))
+    remap_checkpoint(tmp_path / "in.safetensors", tmp_path / "out.safetensors", rules=[{"preset": "ddp"}])
+    assert list(load_file(str(tmp_path / "out.safetensors"))) == ["a"]
+
+
+def test_remap_checkpoint_takes_the_text_of_a_rules_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from ckpt_tools import remap_checkpoint
+
+    save_file({"module.a": torch.ones(2)}, str(tmp_path / "in.safetensors"))
+    remap_checkpoint(tmp_path / "in.safetensors", tmp_path / "out.safetensors",
+                     rules='[[rule]]\nstrip_prefix = "module."\n')
+    assert list(load_file(str(tmp_path / "out.safetensors"))) == ["a"]
+
+
+def test_a_rule_that_is_not_a_rule_is_named(tmp_path):
+    from ckpt_tools import remap_checkpoint
+
+    with pytest.raises(RemapError) as bad:
+        remap_checkpoint(tmp_path / "in.safetensors", tmp_path / "out.safetensors", rules=[("drop", "x")])
+    assert "('drop', 'x')" in str(bad.value)

@@ -106,6 +106,7 @@ def test_demo_runs_end_to_end_offline_and_cleans_up(tmp_path):
     assert "[validate] ok" in out.stderr
     assert not list(Path(tmp_path).glob("ckpt-demo-*")), "the demo must clean up after itself"
     assert data["report_html"] == str(kept / "report.html")
+    assert json.loads((kept / "model.json").read_text())["clip_vision_encoder_path"] == "./build/tiny-vit.json"
     assert "the checkpoint fits the model" in (kept / "report.html").read_text()
 
 

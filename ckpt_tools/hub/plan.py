@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import IntegrityError, UsageError
-from ..fs import COMMIT_RE, SHA256_RE, sha256_file
+from ..fs import COMMIT_RE, SHA256_RE, check_output_name, sha256_file
 from ..http import RetryPolicy, endpoint_url, head_file, host, hub_errors, request_headers, with_retries
 from ..render import human_bytes, markdown_table, rich_table
 from .layout import CacheLayout, LocalDirLayout, default_cache_dir
@@ -106,6 +106,8 @@ def plan_download(repo_id: str, filenames: Sequence[str] = (), *, revision: str 
         raise UsageError("pass --cache-dir or --local-dir, not both",
                          fix="--local-dir writes plain files; --cache-dir the hub cache layout")
     lockfile = read_lock(lock, locked, repo_id)
+    if lock is not None and not locked:
+        check_output_name(lock, "JSON")
     layout = (LocalDirLayout(Path(local_dir)) if local_dir is not None
               else CacheLayout(Path(cache_dir) if cache_dir else default_cache_dir(), repo_id))
     plan = DownloadPlan(repo_id, revision, "", endpoint_url(endpoint), layout, lock=lockfile,
