@@ -124,8 +124,11 @@ def command_stdout():
 
 
 def emit(report) -> None:
-    """Render a report in the command's ``--format`` to stdout or ``--output FILE``."""
+    """Render a report in the command's ``--format`` to stdout or ``--output FILE``; its warnings
+    (``report.warnings``, where it has some) go to stderr, so stdout stays the data alone."""
     context = click.get_current_context()
+    for warning in getattr(report, "warnings", ()):
+        click.echo(f"warning: {warning}", err=True)
     fmt, output = context.meta.get(FORMAT_KEY, "table"), context.meta.get(OUTPUT_KEY)
     stream = io.StringIO() if output else command_stdout()
     if fmt == "html":

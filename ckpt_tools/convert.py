@@ -37,7 +37,7 @@ from .formats import open_checkpoint
 from .formats.safetensors import parse_header
 from .fs import AtomicFile, AtomicFolder, check_output_name, check_outputs, disk_full_as_error
 from .remap import Rule, coerce_rules, rules_to_json
-from .render import human_bytes, markdown_table, rich_table
+from .render import human_bytes, markdown_table, plural, rich_table
 from .safetensors_writer import FileRange, chunk_bytes_view, tensor_chunks, write_safetensors
 from .version import VERSION
 
@@ -79,13 +79,16 @@ class ConversionResult:
         }
 
     def _summary_rows(self) -> list[list[object]]:
-        verified = (f"yes, {self.verified_tensors} tensors bit for bit" if self.verified
+        verified = (f"yes, {plural(self.verified_tensors, 'tensor')} bit for bit" if self.verified
                     else "no (--no-verify)")
+        stored_once = (f" ({plural(len(self.aliases_removed), 'more name')} of the same tensors stored once, "
+                       f"listed in the metadata)" if self.aliases_removed else "")
         rows = [["source", self.source], ["destination", self.destination],
-                ["files", ", ".join(Path(f).name for f in self.files)], ["tensors", self.tensors],
-                ["bytes written", f"{self.bytes_written} ({human_bytes(self.bytes_written)})"],
-                ["renamed", len(self.renamed)], ["dropped", len(self.dropped)],
-                ["aliases removed", len(self.aliases_removed)], ["verified", verified]]
+                ["files", ", ".join(Path(f).name for f in self.files)],
+                ["tensors", f"{self.tensors} written{stored_once}"],
+                ["bytes written", f"{self.bytes_written:,} ({human_bytes(self.bytes_written)})"],
+                ["renamed", plural(len(self.renamed), "source name")], ["dropped", len(self.dropped)],
+                ["verified", verified]]
         if self.dtype:
             rows.append(["dtype", self.dtype])
         if self.extras:
@@ -93,9 +96,13 @@ class ConversionResult:
                 if self.extras_path else "not written (pass --extras FILE)"
             rows.append(["extras", f"{', '.join(self.extras)}; {where}"])
         rows += [["inferred rule", json.dumps(r)] for r in self.inferred_rules]
-        rows += [["unmatched rule", json.dumps(r)] for r in self.unmatched_rules]
         rows += [["note", n] for n in self.notes]
         return rows
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should look at, printed on stderr beside the result (``unmatched_rules``)."""
+        return [f"rule matched nothing: {json.dumps(r)}" for r in self.unmatched_rules]
 
     def rich_table(self):
         return rich_table("ckpt convert", ["field", "value"], self._summary_rows())

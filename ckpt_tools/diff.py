@@ -30,7 +30,7 @@ from .meta import TensorMeta
 from .naming import collapse, format_numbers, module_prefix
 from .presets import ModelPreset, get_preset
 from .remap import Rule, apply_remap, coerce_rules
-from .render import human_count, markdown_table, rich_table
+from .render import human_count, markdown_table, plural, rich_table
 from .side import Side
 from .targets import open_side, resolve_target
 
@@ -201,11 +201,11 @@ class KeyReport:
     def inference_line(self) -> str:
         """``with these 2 rules: OK (171 matched)``, and how to use them."""
         n = len(self.inference.rules)
-        head = "with this inferred rule" if n == 1 else f"with these {n} inferred rules"
+        head, them = ("with this inferred rule", "it") if n == 1 else (f"with these {n} inferred rules", "them")
         if self.auto_remapped:
-            return f"applied {n} inferred rule{'s' if n != 1 else ''} (--auto-remap): see them below"
+            return f"applied {plural(n, 'inferred rule')} (--auto-remap): see below"
         return (f"{head}: {self.with_inferred['verdict'].upper()} ({self.with_inferred['summary']}); "
-                "write them with --write-rules FILE, or apply them with --auto-remap")
+                f"write {them} with --write-rules FILE, or apply {them} with --auto-remap")
 
     def problem_groups(self) -> list[list[object]]:
         return group_problems(self.problems)
@@ -224,7 +224,7 @@ class KeyReport:
         for hint in self.hints:
             parts.append(Text(f"hint: {_hint_text(hint)}"))
         if self.inference is not None:
-            parts += [Text(self.inference_line(), style="bold"), self.inference.rich_table()]
+            parts += [Text(self.inference_line(), style="bold"), self.inference.rules_table()]
         if self.load is not None:
             parts.append(Text("load: " + _load_text(self.load)))
         if with_verdict:
@@ -259,7 +259,7 @@ def _hint_text(hint: Mapping) -> str:
 
 
 def _load_text(load: Mapping) -> str:
-    bits = [f"{load.get('loaded', 0)} tensors loaded", f"verified: {str(load.get('verified')).lower()}"]
+    bits = [f"{plural(load.get('loaded', 0), 'tensor')} loaded", f"verified: {str(load.get('verified')).lower()}"]
     if load.get("skipped"):
         bits.append(f"{len(load['skipped'])} skipped")
     if load.get("mismatched"):
@@ -346,7 +346,7 @@ class _Expectations:
             if glob is not None:
                 return expected, f"{why} '{glob}'" if why.startswith("--") else why
         if trainable is None:
-            return False, "in the target, not in the checkpoint"
+            return False, "the target holds it"
         return (not trainable), ("frozen in the model" if not trainable else "a trained parameter")
 
 
@@ -477,24 +477,30 @@ def _shape_text(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
+def target_noun(target: Side) -> str:
+    """What the report calls the other side: ``model`` for a model or preset, else ``target``."""
+    return "model" if target.model is not None or target.preset is not None else "target"
+
+
 def _problems(entries: list[Entry], unexpected: list[str], renamed: dict[str, str], ck: Side,
               expect: _Expectations, target: Side) -> list[Problem]:
     problems: list[Problem] = []
+    other = target_noun(target)
     for e in entries:
         if e.status == "shape_mismatch":
             problems.append(Problem("shape_mismatch", e.name,
-                                    f"checkpoint {_shape_text(e.ckpt.shape)}, model {_shape_text(e.model.shape)}: "
+                                    f"checkpoint {_shape_text(e.ckpt.shape)}, {other} {_shape_text(e.model.shape)}: "
                                     "excluded from the load", _embedding_fix(e)))
         elif e.status == "dtype_mismatch":
             problems.append(Problem("dtype_mismatch", e.name,
-                                    f"checkpoint {e.ckpt.dtype}, model {e.model.dtype}: "
+                                    f"checkpoint {e.ckpt.dtype}, {other} {e.model.dtype}: "
                                     f"will be cast {e.ckpt.dtype} -> {e.model.dtype}"))
         elif e.status == "missing_unexpected":
             problems.append(Problem("missing_unexpected", e.name, f"not in the checkpoint ({e.reason})"))
     for old in unexpected:
         new = renamed[old]
         where = f" (remapped from '{old}')" if new != old else ""
-        problems.append(Problem("unexpected", new, f"in the checkpoint, nowhere in the model{where}"))
+        problems.append(Problem("unexpected", new, f"in the checkpoint, nowhere in the {other}{where}"))
     for glob in expect.require:
         if not any(fnmatch.fnmatchcase(n, glob) for n in target.metas):
             problems.append(Problem("missing_unexpected", glob,
@@ -605,13 +611,13 @@ def _prefix_fixes(unexpected: list[str], missing: set[str]) -> list[tuple[dict, 
         claimed.update(u for u, _ in pairs)
         if not new:
             fix, rule = f"--strip-prefix {old}.", Rule("strip_prefix", (f"{old}.",))
-            detail = f"{len(pairs)} unexpected keys match missing ones without the prefix '{old}.'"
+            detail = f"{plural(len(pairs), 'unexpected key')} match missing ones without the prefix '{old}.'"
         elif not old:
             fix, rule = f"--add-prefix {new}.", Rule("add_prefix", (f"{new}.",))
-            detail = f"{len(pairs)} unexpected keys match missing ones with the prefix '{new}.'"
+            detail = f"{plural(len(pairs), 'unexpected key')} match missing ones with the prefix '{new}.'"
         else:
             fix, rule = f"--rename '^{re.escape(old)}\\.={new}.'", Rule("rename", (f"^{re.escape(old)}\\.", f"{new}."))
-            detail = f"{len(pairs)} unexpected keys match missing ones with '{old}.' replaced by '{new}.'"
+            detail = f"{plural(len(pairs), 'unexpected key')} match missing ones with '{old}.' replaced by '{new}.'"
         covered = [u for u, _ in pairs] + [m for _, m in pairs]
         out.append(({"kind": "prefix", "detail": detail, "fix": fix}, covered, rule))
     return out
@@ -639,7 +645,7 @@ def _rename_fixes(unexpected: list[str], missing: set[str]) -> list[tuple[dict, 
         if pairs:
             pattern, replacement = _segment_rename(old, new, [u for u, _ in pairs])
             fix = f"--rename '{pattern}={replacement}'"
-            detail = f"'{old}' is now '{new}' ({why}): {len(pairs)} unexpected keys match missing ones"
+            detail = f"'{old}' is now '{new}' ({why}): {plural(len(pairs), 'unexpected key')} match missing ones"
             out.append(({"kind": "rename", "detail": detail, "fix": fix},
                         [u for u, _ in pairs] + [m for _, m in pairs], Rule("rename", (pattern, replacement))))
     return out
@@ -687,10 +693,11 @@ def _layer_hints(entries: list[Entry], unexpected: list[str], ck: Mapping[str, T
         if not model_set or model_set == ck_set or template not in templates:
             continue
         keys = [n for n in list(ck) + sorted(involved) if (_layer_template(n) or ("",))[0] == template]
-        detail = (f"the checkpoint has {template} at layers {_describe_layers(ck_set)}; "
-                  f"the model at {_describe_layers(model_set)}")
-        fix = f"build the model with {template} at layers {_describe_layers(ck_set)}"
-        out.append(({"kind": "layers", "module": template, "checkpoint_layers": sorted(ck_set),
+        module = template.replace("{}", "N")  # blocks.N.xattn: N is the layer number
+        detail = (f"the checkpoint has {module} at layers {_describe_layers(ck_set)}; "
+                  f"the {target_noun(target)} at {_describe_layers(model_set)}")
+        fix = f"build the model with {module} at layers {_describe_layers(ck_set)}"
+        out.append(({"kind": "layers", "module": module, "checkpoint_layers": sorted(ck_set),
                      "model_layers": sorted(model_set), "detail": detail, "fix": fix}, keys))
     return out
 

@@ -135,8 +135,14 @@ class Inference:
 
     def rich_table(self):
         from rich.console import Group
-        from rich.table import Table
         from rich.text import Text
+
+        return Group(self.rules_table(), Text(self.summary() + (f" ({self.note})" if self.note else "")))
+
+    def rules_table(self):
+        """The rules (as the flags that say them, with the keys each maps) and the ambiguous pairings."""
+        from rich.console import Group
+        from rich.table import Table
 
         parts: list[Any] = []
         if self.rules:
@@ -153,14 +159,14 @@ class Inference:
             for a in self.ambiguous:
                 table.add_row(a["key"], ", ".join(a["candidates"]))
             parts.append(table)
-        parts.append(Text(self.summary() + (f" ({self.note})" if self.note else "")))
         return Group(*parts)
 
 
 def rule_flags(rules: Sequence[Rule], maps: Sequence[int] | None = None) -> str:
     """Rules as the command-line flags that say the same, each with the keys it maps when given."""
     counts = maps if maps is not None else [None] * len(rules)
-    return "; ".join(_rule_text(r) + (f" ({n} keys)" if n is not None else "") for r, n in zip(rules, counts, strict=True))
+    return "; ".join(_rule_text(r) + ("" if n is None else f" ({n} key{'s' if n != 1 else ''})")
+                     for r, n in zip(rules, counts, strict=True))
 
 
 def _rule_text(rule: Rule) -> str:

@@ -8,7 +8,7 @@ shared, then reopened and compared with its source bit for bit before it is kept
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from .errors import IntegrityError, UsageError
 from .formats import open_checkpoint
 from .fs import AtomicFile, check_output_name, check_outputs, disk_full_as_error
 from .remap import apply_remap, coerce_rules
-from .render import markdown_table, rich_table
+from .render import markdown_table, plural, rich_table
 
 
 @dataclass
@@ -33,36 +33,44 @@ class RemapCheckpointResult:
     rules: list[dict]
     bytes_written: int
     verified: bool
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "destination": self.destination, "format": self.format,
                 "files": list(self.files), "tensors": self.tensors, "renamed": dict(self.renamed),
                 "dropped": list(self.dropped), "unmatched_rules": list(self.unmatched_rules),
-                "rules": list(self.rules), "bytes_written": self.bytes_written, "verified": self.verified}
+                "rules": list(self.rules), "bytes_written": self.bytes_written, "verified": self.verified,
+                "notes": list(self.notes)}
 
     def _rows(self) -> list[list[object]]:
         rows = [[old, new] for old, new in self.renamed.items()]
         rows += [[old, "(dropped)"] for old in self.dropped]
         return rows
 
+    def _head(self) -> str:
+        return (f"{self.source} -> {self.destination} ({self.format}): {plural(self.tensors, 'tensor')}, "
+                f"{len(self.renamed)} renamed, {len(self.dropped)} dropped" + (", verified" if self.verified else ""))
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should look at, printed on stderr beside the result (``unmatched_rules``)."""
+        return [f"rule matched nothing: {json.dumps(r)}" for r in self.unmatched_rules]
+
     def rich_table(self):
         from rich.console import Group
         from rich.text import Text
 
-        head = Text(f"{self.source} -> {self.destination} ({self.format}): {self.tensors} tensors, "
-                    f"{len(self.renamed)} renamed, {len(self.dropped)} dropped"
-                    + (", verified" if self.verified else ""))
-        parts = [head, rich_table("changes", ["old", "new"], self._rows())]
-        parts += [Text(f"rule matched nothing: {json.dumps(r)}", style="yellow") for r in self.unmatched_rules]
+        parts = [Text(self._head())]
+        if self._rows():
+            parts.append(rich_table("changes", ["old", "new"], self._rows()))
+        parts += [Text(f"note: {n}") for n in self.notes]
         return Group(*parts)
 
     def to_markdown(self) -> str:
-        text = (f"### ckpt remap\n\n`{self.source}` -> `{self.destination}` ({self.format}): {self.tensors} tensors, "
-                f"{len(self.renamed)} renamed, {len(self.dropped)} dropped\n\n")
-        text += markdown_table(["old", "new"], self._rows())
-        for rule in self.unmatched_rules:
-            text += f"\n\n- rule matched nothing: `{json.dumps(rule)}`"
-        return text
+        text = f"### ckpt remap\n\n`{self._head()}`\n"
+        if self._rows():
+            text += "\n" + markdown_table(["old", "new"], self._rows()) + "\n"
+        return text + "".join(f"\n- note: {n}" for n in self.notes)
 
 
 def remap_checkpoint(src: str | Path, dst: str | Path, *, rules=None, force: bool = False,
@@ -83,14 +91,20 @@ def remap_checkpoint(src: str | Path, dst: str | Path, *, rules=None, force: boo
 
 
 def _remap_safetensors(src, dst, rules, force, kind, files, options) -> RemapCheckpointResult:
-    shard_size = None
+    shard_size, notes = None, []
+    shards = [p for p in files if p.suffix == ".safetensors"]
     if kind != "safetensors":  # keep the source's shard size
-        shard_size = max(p.stat().st_size for p in files if p.suffix == ".safetensors")
+        shard_size = max(p.stat().st_size for p in shards)
     result = convert_to_safetensors(src, dst, rules=rules, max_shard_size=shard_size, force=force, **options)
+    written = [f for f in result.files if f.endswith(".safetensors")]
+    if shard_size is not None and len(written) != len(shards):
+        notes.append(f"{len(shards)} shards in, {len(written)} out: the tensors are packed again in order into "
+                     f"shards of at most the source's largest ({shard_size:,} bytes)")
     return RemapCheckpointResult(
         source=str(src), destination=str(dst), format=kind, files=result.files, tensors=result.tensors,
         renamed=result.renamed, dropped=result.dropped, unmatched_rules=result.unmatched_rules,
-        rules=[r.to_dict() for r in rules or []], bytes_written=result.bytes_written, verified=result.verified)
+        rules=[r.to_dict() for r in rules or []], bytes_written=result.bytes_written, verified=result.verified,
+        notes=notes)
 
 
 def _remap_pickle(src, dst, rules, force, kind, files, options) -> RemapCheckpointResult:

@@ -70,6 +70,11 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
+def plural(n: int, word: str) -> str:
+    """``1 tensor``, ``2 tensors``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def human_count(n: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= size:

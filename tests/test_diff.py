@@ -173,7 +173,7 @@ def test_wrong_cross_attention_interval_gives_a_layer_hint():
     (hint,) = [h for h in report.hints if h["kind"] == "layers"]
     assert hint["checkpoint_layers"] == [0, 1, 2, 3]
     assert hint["model_layers"] == [1, 3]
-    assert hint["detail"] == "the checkpoint has blocks.{}.x at layers 0..3; the model at 1,3 (every 2)"
+    assert hint["detail"] == "the checkpoint has blocks.N.x at layers 0..3; the model at 1,3 (every 2)"
     assert all(p.fix == hint["fix"] for p in report.problems)
     # and the other way round: the model wants layers the checkpoint lacks
     report = diff_keys(metas(trained_state(build_tiny(every=2))), build_tiny(every=1))

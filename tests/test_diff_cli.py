@@ -36,7 +36,7 @@ def test_diff_with_problems_exits_1_and_flags_change_the_verdict(run_cli, files)
     assert result.exit_code == 1
     data = json.loads(result.stdout)
     assert data["problems"] == [{"kind": "missing_unexpected", "key": "blocks.0.x.gate",
-                                 "detail": "not in the checkpoint (in the target, not in the checkpoint)",
+                                 "detail": "not in the checkpoint (the target holds it)",
                                  "fix": None}]
     assert run_cli("diff", partial, "--against", full, "--expect-missing", "*.gate").exit_code == 0
     assert run_cli("diff", full, "--against", partial, "--drop", "blocks.0.x.gate").exit_code == 0
@@ -191,7 +191,7 @@ def test_output_writes_json_atomically_and_refuses_a_missing_folder(run_cli, fil
     out = tmp_path / "report.json"
     run_cli("diff", partial, "--against", full, "--format", "json", "--output", out)
     assert json.loads(out.read_text())["verdict"] == "fail"
-    missing = run_cli("diff", partial, "--against", full, "--output", tmp_path / "nope" / "r.json")
+    missing = run_cli("diff", partial, "--against", full, "--format", "json", "--output", tmp_path / "nope" / "r.json")
     assert missing.exit_code == 2
     assert "the output's folder does not exist" in missing.stderr
 
@@ -199,3 +199,21 @@ def test_output_writes_json_atomically_and_refuses_a_missing_folder(run_cli, fil
 def test_html_is_offered_only_where_a_page_exists(run_cli, files):
     result = run_cli("scan", files[0], "--format", "html")
     assert result.exit_code == 2
+
+
+def test_a_diff_against_a_file_speaks_of_the_target_not_a_model(run_cli, files):
+    full, partial = files
+    text = run_cli("diff", full, "--against", partial).stdout
+    assert "nowhere in the target" in text
+    assert "model" not in text
+
+
+def test_a_layer_hint_names_the_module_without_a_placeholder():
+    from diffload_models import metas
+
+    from ckpt_tools import diff_keys
+
+    report = diff_keys(metas(trained_state(build_tiny(every=1))), build_tiny(every=2))
+    (hint,) = [h for h in report.hints if h["kind"] == "layers"]
+    assert "{}" not in hint["detail"]
+    assert ".N." in hint["module"]
