@@ -20,11 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ckpt_tools.errors import UsageError
 from ckpt_tools.provenance import WeightSource, record
 
 from .config import FLAMINGO_SPECIAL_TOKENS, PAD_TOKEN
 from .flamingo import Flamingo
 
+# open_clip's weight files in a hub repo, in the order it looks for them
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
+PROBE_TIMEOUT = 5.0  # seconds to learn that the hub cannot be reached
 # JSON config files already handed to open_clip (its registry rescans every path on each add)
 _registered_clip_configs: set[Path] = set()
 
@@ -128,11 +132,39 @@ def load_vision_encoder(path: str, pretrained: str | None, *, device: torch.devi
     import open_clip
 
     name, config = _clip_name_and_config(path)
+    if pretrained and device.type != "meta":
+        _check_pretrained_reachable(name, pretrained, cache_dir)
     with torch.device(device) if device.type == "meta" else contextlib.nullcontext(), _quiet_root_warnings(not pretrained):
         clip, _, image_processor = open_clip.create_model_and_transforms(
             name, pretrained=pretrained or None, device=device, cache_dir=cache_dir)
     width = (config or {}).get("vision_cfg", {}).get("width") or clip.visual.transformer.width
     return clip, image_processor, int(width)
+
+
+def _check_pretrained_reachable(name: str, tag: str, cache_dir: str | None) -> None:
+    """A pretrained tag whose weights are neither cached nor reachable fails at once, in one line:
+    open_clip would retry the hub for most of a minute and then raise a paragraph."""
+    import open_clip
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    hub_id = (open_clip.get_pretrained_cfg(name, tag) or {}).get("hf_hub", "").rstrip("/")
+    if not hub_id or Path(tag).is_file():
+        return  # a file of weights, or a tag open_clip fetches from elsewhere
+    if any(isinstance(try_to_load_from_cache(hub_id, filename, cache_dir=cache_dir), str)
+           for filename in OPEN_CLIP_WEIGHT_FILES):
+        return
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    if why is None:
+        try:
+            get_hf_file_metadata(hf_hub_url(hub_id, OPEN_CLIP_WEIGHT_FILES[0]), timeout=PROBE_TIMEOUT)
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the hub means the same to the user
+            why = f"the hub cannot be reached ({type(exc).__name__})"
+    raise UsageError(
+        f"the vision tower's pretrained weights {name}/{tag} ({hub_id}) are not in the cache and {why}",
+        fix=f"fetch them where the hub is reachable (ckpt download {hub_id} {OPEN_CLIP_WEIGHT_FILES[0]}) and copy "
+            "the cache, or pass a local weights file as clip_vision_encoder_pretrained (ckpt demo --keep DIR "
+            "writes a tiny model with its files)")
 
 
 @contextlib.contextmanager

@@ -289,3 +289,12 @@ def test_factory_loads_hub_ids_at_a_pinned_revision(tmp_path, tiny_assets):
                              capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [str(registry.TINY.tokenizer_length), "2"]
+
+
+def test_a_pretrained_tag_that_cannot_be_fetched_fails_at_once_in_one_line(tmp_path):
+    from model.factory import load_vision_encoder
+
+    with pytest.raises(UsageError) as refused:
+        load_vision_encoder("ViT-L-14", "openai", device=torch.device("cpu"), cache_dir=str(tmp_path))
+    assert "timm/vit_large_patch14_clip_224.openai" in refused.value.one_line()
+    assert "\n" not in refused.value.one_line()

@@ -255,3 +255,16 @@ def test_publish_writes_the_cache_layout(root, repo):
     link = folder / "snapshots" / repo / "sub" / "weights.bin"
     assert os.readlink(link) == f"../../../blobs/{hashlib.sha256(WEIGHTS).hexdigest()}"
     assert json.loads(link.with_name("x").parent.parent.joinpath("config.json").read_bytes()) == json.loads(CONFIG)
+
+
+def test_the_same_files_on_the_same_parent_are_the_same_commit(tmp_path):
+    first = publish(tmp_path / "a", "org/m", {"config.json": b"{}", "w.bin": b"weights"})
+    again = publish(tmp_path / "b", "org/m", {"config.json": b"{}", "w.bin": b"weights"})
+    assert first == again
+
+
+def test_a_commit_on_top_of_another_is_new_even_with_old_content(tmp_path):
+    first = publish(tmp_path, "org/m", {"w.bin": b"one"})
+    publish(tmp_path, "org/m", {"w.bin": b"two"})
+    back = publish(tmp_path, "org/m", {"w.bin": b"one"})
+    assert back != first
