@@ -531,8 +531,13 @@ def _rename_fixes(unexpected: list[str], missing: set[str]) -> list[tuple[dict, 
         pairs = [(u, pattern.sub(new, u)) for u in unexpected if pattern.search(u)]
         pairs = [(u, m) for u, m in pairs if m in missing]
         if pairs:
-            last = pairs[0][0].endswith("." + old)
-            fix = f"--rename '\\.{old}$=.{new}'" if last else f"--rename '\\.{old}\\.=.{new}.'"
+            first = pairs[0][0]
+            if first.startswith(old + "."):  # a top-level module: no dot before it to anchor on
+                fix = f"--rename '^{re.escape(old)}\\.={new}.'"
+            elif first.endswith("." + old):
+                fix = f"--rename '\\.{old}$=.{new}'"
+            else:
+                fix = f"--rename '\\.{old}\\.=.{new}.'"
             detail = f"'{old}' is now '{new}' ({why}): {len(pairs)} unexpected keys match missing ones"
             out.append(({"kind": "rename", "detail": detail, "fix": fix},
                         [u for u, _ in pairs] + [m for _, m in pairs]))
