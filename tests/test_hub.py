@@ -383,6 +383,13 @@ def test_two_processes_download_the_same_file(hub, cache):
     assert blob(cache).read_bytes() == BIG
 
 
+def test_a_call_that_forgets_the_mirror_is_refused_on_loopback(cache):
+    """tests/conftest.py points HF_ENDPOINT at a closed loopback port: nothing reaches the real hub."""
+    with pytest.raises(HubError, match="Connection refused") as info:
+        download(REPO, ["config.json"], cache_dir=cache, retry=RetryPolicy(attempts=1))
+    assert str(info.value).startswith("HEAD http://127.0.0.1:9/org/model/resolve/main/config.json failed")
+
+
 def test_download_help_has_example(run_cli):
     result = run_cli("download", "--help")
     assert result.exit_code == 0 and "Example:" in result.stdout and "--locked" in result.stdout
