@@ -186,9 +186,13 @@ class Fault:
       ``status``        answer ``status`` (e.g. 503) with no body
       ``throttle``      answer 429 with ``Retry-After: retry_after``
       ``ignore_range``  answer 200 with the whole file although a Range was asked for
+      ``bad_range``     answer a Range with 206 but the whole file, labelled ``bytes 0-...`` (a broken proxy)
       ``corrupt``       flip the byte at file offset ``offset`` (the ETag stays the promised one)
       ``slow``          send the body at ``rate`` bytes per second
       ``call``          run ``callback(method, path)`` and answer normally (e.g. move a branch)
+      ``redirect``      answer a file request with 302 to ``location`` + the request's path, with the
+                        file's commit, ETag and size in ``X-Repo-Commit`` / ``X-Linked-*`` as the hub
+                        does when it sends a download to its CDN
     """
 
     kind: str
@@ -201,6 +205,7 @@ class Fault:
     offset: int = 0
     rate: float = 1e6
     callback: object = None
+    location: str = ""
     hits: int = 0
 
     def matches(self, method: str, path: str) -> bool:
@@ -214,12 +219,22 @@ class ServerStats:
     """What the mirror did: every request line and the body bytes it sent."""
 
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # method, path, Range
+    headers: list[dict[str, str]] = field(default_factory=list)  # each request's headers, names lower-cased
     bytes_sent: int = 0
+    # requests being answered: 0 once the handler of a killed client's connection has given up, so
+    # a count of bytes_sent taken then is final
+    in_flight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add_request(self, method: str, path: str, rng: str | None) -> None:
+    def add_request(self, method: str, path: str, rng: str | None, headers: Mapping[str, str] = {}) -> None:
         with self.lock:
             self.requests.append((method, path, rng))
+            self.headers.append({name.lower(): value for name, value in headers.items()})
+            self.in_flight += 1
+
+    def end_request(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
 
     def add_bytes(self, n: int) -> None:
         with self.lock:
@@ -245,7 +260,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, head: bool) -> None:
         raw_path = urlsplit(self.path).path
-        self.server.stats.add_request(self.command, raw_path, self.headers.get("Range"))
+        self.server.stats.add_request(self.command, raw_path, self.headers.get("Range"), self.headers)
+        try:
+            self._answer(raw_path, head)
+        finally:
+            self.server.stats.end_request()
+
+    def _answer(self, raw_path: str, head: bool) -> None:
         fault = self.server.take_fault(self.command, raw_path)
         try:
             if fault is not None and fault.kind in ("status", "throttle"):
@@ -345,10 +366,12 @@ class _Handler(BaseHTTPRequestHandler):
         entry = folder.entry(repo_id, commit, unquote("/".join(parts[5:])))
         sha256, _ = folder.hashes(entry)
         etag = f'"{sha256}"'
+        if fault is not None and fault.kind == "redirect":
+            return self._redirect(fault, commit, etag, entry.size)
         start, end = 0, entry.size - 1
         rng = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
-        honour = rng is not None and not (fault and fault.kind == "ignore_range")
+        honour = rng is not None and not (fault and fault.kind in ("ignore_range", "bad_range"))
         if honour and if_range is not None and if_range.strip().lstrip("W/") != etag:
             honour = False  # the client's partial copy is of other bytes: send everything
         if honour:
@@ -362,7 +385,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return
             start, end = parsed
-        partial = honour
+        partial = honour or (rng is not None and fault is not None and fault.kind == "bad_range")
         self.send_response(206 if partial else 200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(max(0, end - start + 1)))
@@ -375,9 +398,18 @@ class _Handler(BaseHTTPRequestHandler):
         if not head and end >= start:
             self._send_body(entry.file, start, end - start + 1, fault)
 
+    def _redirect(self, fault: Fault, commit: str, etag: str, size: int) -> None:
+        self.send_response(302)
+        self.send_header("Location", fault.location + urlsplit(self.path).path)
+        self.send_header("Content-Length", "0")
+        self.send_header("X-Repo-Commit", commit)
+        self.send_header("X-Linked-Etag", etag)
+        self.send_header("X-Linked-Size", str(size))
+        self.end_headers()
+
     def _send_body(self, path: Path, start: int, count: int, fault: Fault | None) -> None:
         with open(path, "rb") as f:
-            if fault is None or fault.kind == "ignore_range":
+            if fault is None or fault.kind in ("ignore_range", "bad_range"):
                 return self._sendfile(f, start, count)
             f.seek(start)
             self._send_faulty(f, start, count, fault)

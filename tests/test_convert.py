@@ -49,7 +49,9 @@ def read_output(result) -> dict[str, torch.Tensor]:
 
 
 def assert_same(got: dict, want: dict) -> None:
-    assert list(got) == list(want) or sorted(got) == sorted(want)
+    """Same names, dtypes, shapes and values; the order of the names is not compared (a
+    safetensors file lists them sorted, whatever order they were written in)."""
+    assert sorted(got) == sorted(want)
     for key, tensor in want.items():
         assert got[key].dtype == tensor.dtype, key
         assert got[key].shape == tensor.shape, key
@@ -282,14 +284,24 @@ def test_dtype_casts_floating_tensors_only(tmp_path, dtype, float_dtype):
     assert result.verified_tensors == len(state)
 
 
-def test_cast_is_chunked_for_large_tensors(tmp_path, monkeypatch):
-    import ckpt_tools.safetensors_writer as writer
-
-    monkeypatch.setattr(writer, "CHUNK_BYTES", 64)
+def test_cast_of_contiguous_and_strided_tensors(tmp_path):
     state = {"w": torch.randn(33, 7), "t": torch.randn(9, 5).t()}
     torch.save(state, tmp_path / "m.pt")
     result = convert_to_safetensors(tmp_path / "m.pt", tmp_path / "c.safetensors", dtype="bf16")
     assert_same(read_output(result), {k: v.to(torch.bfloat16) for k, v in state.items()})
+
+
+@pytest.mark.parametrize(("tensor", "chunks"), [
+    (torch.randn(33, 7), 15),  # contiguous: 231 float32 values, 16 (64 bytes) per chunk
+    (torch.randn(9, 33).t(), 33),  # strided: whole rows of 9 values (36 bytes), one per chunk
+], ids=["contiguous", "strided"])
+def test_cast_is_written_in_bounded_chunks(tensor, chunks):
+    from ckpt_tools.safetensors_writer import tensor_chunks
+
+    pieces = list(tensor_chunks(tensor, "BF16", chunk_bytes=64))
+    assert len(pieces) == chunks
+    assert max(p.numel() for p in pieces) * tensor.element_size() <= 64
+    assert torch.equal(torch.cat(pieces), tensor.to(torch.bfloat16).reshape(-1))
 
 
 def test_prefix_collision_names_both_and_writes_nothing(tmp_path):
@@ -394,6 +406,21 @@ def test_verification_failure_is_an_integrity_error_and_keeps_nothing(tmp_path, 
     with pytest.raises(IntegrityError, match="differ") as info:
         convert_to_safetensors(tmp_path / "s.pt", tmp_path / "o.safetensors")
     assert info.value.key == "a" and info.value.exit_code == 1
+    assert os.listdir(tmp_path) == ["s.pt"]
+
+
+def test_a_written_header_that_lists_other_tensors_is_an_integrity_error(tmp_path, monkeypatch):
+    import ckpt_tools.safetensors_writer as writer
+
+    torch.save({"a": torch.ones(4), "b": torch.zeros(4)}, tmp_path / "s.pt")
+    real = writer.build_header
+
+    def misnamed(metas, metadata=None):  # a valid header, under another name
+        return real([m.renamed("z") if m.name == "a" else m for m in metas], metadata)
+
+    monkeypatch.setattr(writer, "build_header", misnamed)
+    with pytest.raises(IntegrityError, match="does not list the planned tensors"):
+        convert_to_safetensors(tmp_path / "s.pt", tmp_path / "o.safetensors")
     assert os.listdir(tmp_path) == ["s.pt"]
 
 
@@ -512,6 +539,42 @@ def test_remap_pickle_keeps_wrapper_extras_and_sharing(tmp_path, legacy):
     state = loaded["model_state_dict"]
     assert list(state) == ["a", "tied", "n"]
     assert torch.equal(state["a"], shared) and state["a"].data_ptr() == state["tied"].data_ptr()
+
+
+def _save_altered(monkeypatch, alter):
+    """Make remap's torch.save write ``alter(state)`` instead of the state it was given."""
+    real = torch.save
+
+    def save(obj, f, **kwargs):
+        real(alter(dict(obj)), f, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def _flip_first_byte(tensor: torch.Tensor) -> torch.Tensor:
+    flipped = tensor.clone()
+    raw = flipped.reshape(-1).view(torch.uint8)
+    raw[0] = raw[0] ^ 1
+    return flipped
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_remap_pickle_verification_catches_a_flipped_byte(tmp_path, monkeypatch, legacy):
+    torch.save({"module.a": torch.arange(4.0), "module.b": torch.ones(3)}, tmp_path / "w.pt",
+               _use_new_zipfile_serialization=not legacy)
+    _save_altered(monkeypatch, lambda state: {**state, "b": _flip_first_byte(state["b"])})
+    with pytest.raises(IntegrityError, match="written bytes differ from the source") as info:
+        remap_checkpoint(tmp_path / "w.pt", tmp_path / "o.pt", rules=rules_from_cli(presets=("ddp",)))
+    assert info.value.key == "b"
+    assert os.listdir(tmp_path) == ["w.pt"]  # the output was removed, no temporary left
+
+
+def test_remap_pickle_verification_catches_a_changed_dtype(tmp_path, monkeypatch):
+    torch.save({"module.a": torch.arange(4.0)}, tmp_path / "w.pt")
+    _save_altered(monkeypatch, lambda state: {"a": state["a"].double()})
+    with pytest.raises(IntegrityError, match="does not list the remapped tensors"):
+        remap_checkpoint(tmp_path / "w.pt", tmp_path / "o.pt", rules=rules_from_cli(presets=("ddp",)))
+    assert os.listdir(tmp_path) == ["w.pt"]
 
 
 def test_remap_of_a_sharded_bin_points_to_convert(tmp_path):

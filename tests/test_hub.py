@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from polling import wait_for
 
 from ckpt_tools.errors import HubError, IntegrityError, UsageError
 from ckpt_tools.http import RetryPolicy
@@ -107,11 +108,18 @@ def test_5xx_on_head_is_retried_too(hub, cache):
     assert fetch(hub, cache).files[0].sha256 == BIG_SHA
 
 
-def test_429_honours_retry_after(hub, cache):
+def test_429_honours_retry_after(hub, cache, monkeypatch):
+    waits = []
+    real = RetryPolicy.delay
+
+    def delay(self, attempt, retry_after=None):
+        waits.append(real(self, attempt, retry_after))
+        return waits[-1]
+
+    monkeypatch.setattr(RetryPolicy, "delay", delay)
     hub.faults.append(Fault("throttle", retry_after=0.4, path="model.bin"))
-    start = time.monotonic()
     assert fetch(hub, cache).files[0].sha256 == BIG_SHA
-    assert time.monotonic() - start >= 0.4
+    assert waits == [0.4]  # FAST's own backoff is 0.01 s: the wait is the server's Retry-After
 
 
 def test_retries_are_bounded(hub, cache):
@@ -130,6 +138,21 @@ def test_resume_from_a_partial_file_left_by_an_earlier_run(hub, cache):
     assert (result.files[0].resumed_from, result.files[0].bytes_transferred) == (1234567, len(BIG) - 1234567)
     assert gets(hub)[0][1] == "bytes=1234567-"
     assert blob(cache).read_bytes() == BIG and not partial.exists()
+
+
+def test_a_resume_answered_at_the_wrong_offset_is_refused_at_once(hub, commit, cache):
+    """A 206 whose Content-Range does not start where the partial file ends is refused on its
+    header: none of its body is written, and the retry starts over cleanly (a server that
+    mislabels one range may mislabel every one)."""
+    partial = blob(cache).with_name(f"{BIG_SHA}.incomplete")
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(BIG[:1234567])
+    hub.faults.append(Fault("bad_range", path="model.bin"))
+    result = fetch(hub, cache)
+    url = f"/org/model/resolve/{commit}/weights/model.bin"
+    assert gets(hub) == [(url, "bytes=1234567-"), (url, None)]
+    assert (result.files[0].resumed_from, result.files[0].bytes_transferred) == (0, len(BIG))
+    assert blob(cache).read_bytes() == BIG
 
 
 def test_range_ignored_restarts_cleanly(hub, cache):
@@ -151,6 +174,18 @@ def test_corrupted_byte_is_an_integrity_error_and_never_a_blob(hub, cache):
     assert list(blobs.iterdir()) == []  # neither the blob nor a partial to resume from
     assert not (cache / "models--org--model" / "snapshots").exists()
     assert fetch(hub, cache).files[0].sha256 == BIG_SHA  # the next run starts over and succeeds
+
+
+def test_a_small_file_is_checked_against_its_git_blob_sha1():
+    """The hub's ETag of a small non-LFS file is its git blob sha1 (no sha256 is promised)."""
+    from ckpt_tools.hub.transfer import Expect, Hashers
+
+    sha1 = hashlib.sha1(b"blob %d\0" % len(CONFIG) + CONFIG).hexdigest()
+    good, bad = Hashers(Expect(sha1, len(CONFIG), None, sha1)), Hashers(Expect(sha1, len(CONFIG), None, sha1))
+    good.update(CONFIG)
+    bad.update(CONFIG.replace(b"8", b"9"))
+    assert good.problems(len(CONFIG)) == []
+    assert [p.split(" ")[:2] for p in bad.problems(len(CONFIG))] == [["git", "sha1"]]
 
 
 def test_bad_partial_prefix_is_caught_by_the_hash(hub, cache):
@@ -250,7 +285,10 @@ def test_the_branch_is_resolved_once_per_call(root, hub, commit, cache):
     result = fetch(hub, cache, files=("weights/model.bin", "config.json"), max_workers=1)
     assert moved and result.commit == commit
     assert [Path(f.local_path).read_bytes() for f in result.files] == [BIG, CONFIG]
-    assert all(commit in path for method, path, _ in hub.stats.requests[1:])
+    later = [(method, path) for method, path, _ in hub.stats.requests[1:]]
+    assert later == [("HEAD", f"/org/model/resolve/{commit}/config.json"),  # the first HEAD pinned the commit
+                     ("GET", f"/org/model/resolve/{commit}/weights/model.bin"),
+                     ("GET", f"/org/model/resolve/{commit}/config.json")]
 
 
 def test_local_dir_is_recognised_by_huggingface_hub(hub, commit, tmp_path):
@@ -263,6 +301,46 @@ def test_local_dir_is_recognised_by_huggingface_hub(hub, commit, tmp_path):
     before = len(gets(hub))
     path = hf_hub_download(REPO, "weights/model.bin", revision=commit, local_dir=local, endpoint=hub.endpoint)
     assert path == str(local / "weights" / "model.bin") and len(gets(hub)) == before
+
+
+TOKEN = "hf_secret_test_token"
+
+
+@pytest.fixture
+def cdn(root, commit):
+    """The same files served from another host (127.0.0.2 is loopback, but not the hub's host)."""
+    with HubServer(root, host="127.0.0.2") as server:
+        yield server
+
+
+def auth(server, method="GET", needle="model.bin") -> list[str | None]:
+    """The Authorization header of each matching request, in order (None: not sent)."""
+    with server.stats.lock:
+        seen = list(zip(server.stats.requests, server.stats.headers, strict=True))
+    return [headers.get("authorization") for (m, path, _), headers in seen if m == method and needle in path]
+
+
+def test_a_download_redirected_to_another_host_never_carries_the_token(hub, cdn, cache):
+    hub.faults.append(Fault("redirect", times=None, methods=("HEAD",), path="model.bin", location=cdn.endpoint))
+    result = fetch(hub, cache, token=TOKEN)
+    assert result.files[0].sha256 == BIG_SHA
+    assert auth(hub, "HEAD") == [f"Bearer {TOKEN}"]  # the hub itself gets the token
+    assert auth(cdn) == [None]
+
+
+def test_a_redirect_met_during_the_get_drops_the_token_too(hub, cdn, cache):
+    hub.faults.append(Fault("redirect", methods=("GET",), path="model.bin", location=cdn.endpoint))
+    assert fetch(hub, cache, token=TOKEN).files[0].sha256 == BIG_SHA
+    assert auth(hub) == [f"Bearer {TOKEN}"]
+    assert auth(cdn) == [None]
+
+
+def test_a_download_redirected_to_the_same_host_keeps_the_token(hub, cache):
+    hub.faults.append(Fault("redirect", methods=("HEAD",), path="model.bin", location=hub.endpoint))
+    hub.faults.append(Fault("redirect", methods=("GET",), path="model.bin", location=hub.endpoint))
+    assert fetch(hub, cache, token=TOKEN).files[0].sha256 == BIG_SHA
+    assert auth(hub, "HEAD") == [f"Bearer {TOKEN}", f"Bearer {TOKEN}"]  # the redirect, then its target
+    assert auth(hub) == [f"Bearer {TOKEN}", f"Bearer {TOKEN}"]
 
 
 def _cli_child(hub, cache, *extra: str) -> subprocess.Popen:
@@ -284,7 +362,7 @@ def test_kill_9_mid_download_then_resume(hub, cache):
     left = partial.stat().st_size
     assert 0 < left < len(BIG) and not blob(cache).exists()
     hub.faults.clear()
-    time.sleep(0.5)  # let the server notice the dead connection before counting
+    wait_for(lambda: hub.stats.in_flight == 0)  # the server gave up the dead connection: its count is final
     sent_before = hub.stats.bytes_sent
     result = fetch(hub, cache)
     assert result.files[0].resumed_from == left
@@ -303,6 +381,13 @@ def test_two_processes_download_the_same_file(hub, cache):
     assert sorted(r["bytes_transferred"] for r in results) == [0, len(BIG)]
     assert hub.stats.bytes_sent == len(BIG)
     assert blob(cache).read_bytes() == BIG
+
+
+def test_a_call_that_forgets_the_mirror_is_refused_on_loopback(cache):
+    """tests/conftest.py points HF_ENDPOINT at a closed loopback port: nothing reaches the real hub."""
+    with pytest.raises(HubError, match="Connection refused") as info:
+        download(REPO, ["config.json"], cache_dir=cache, retry=RetryPolicy(attempts=1))
+    assert str(info.value).startswith("HEAD http://127.0.0.1:9/org/model/resolve/main/config.json failed")
 
 
 def test_download_help_has_example(run_cli):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import torch
 from safetensors.torch import save_file
@@ -97,12 +96,11 @@ def test_debug_env_shows_traceback(tmp_path):
     assert "Traceback" in out.stderr and "InvalidCheckpointError" in out.stderr
 
 
-def test_help_is_fast_and_imports_nothing_heavy():
+def test_help_imports_nothing_heavy():
+    # what keeps `ckpt --help` fast; its time is measured by scripts/bench/bench_inspect.py
     code = "import sys; from ckpt_tools.cli import cli; print(sorted(m for m in ('torch', 'huggingface_hub', 'transformers', 'safetensors') if m in sys.modules))"
-    start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-    assert time.perf_counter() - start < 5  # generous: a cold interpreter on a loaded CI machine
 
 
 def test_a_short_listing_shows_every_key_with_its_shape(tmp_path, run_cli):

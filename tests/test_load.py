@@ -106,6 +106,44 @@ def test_verification_catches_a_tensor_overwritten_by_another_key(tmp_path):
     assert "other values for this tied tensor under 'head.weight'" in problem.detail
 
 
+def test_verification_catches_a_value_changed_during_the_load(tmp_path, monkeypatch):
+    import ckpt_tools.load as load_module
+
+    real = load_module._assign
+
+    def assign_then_change(model, entry, source, device):  # e.g. a hook that rescales a weight
+        real(model, entry, source, device)
+        if entry.name == "blocks.0.x.gate":
+            load_module._current(model, entry.name).data.add_(1)
+
+    monkeypatch.setattr(load_module, "_assign", assign_then_change)
+    report = load_checkpoint(save(tmp_path, trained_state(build_tiny(seed=1))), build_tiny(seed=2))
+    assert report.load["verified"] is False
+    assert report.load["mismatched"] == ["blocks.0.x.gate"]
+    (problem,) = report.problems
+    assert "differs from checkpoint key 'blocks.0.x.gate' after the load" in problem.detail
+
+
+def test_verification_catches_a_tie_broken_during_the_load(tmp_path, monkeypatch):
+    import ckpt_tools.load as load_module
+
+    real = load_module._assign
+
+    def assign_then_untie(model, entry, source, device):  # e.g. a hook that copies a tied weight
+        real(model, entry, source, device)
+        if entry.names[1:]:
+            module, attr = load_module._owner(model, entry.names[1])
+            module._parameters[attr] = torch.nn.Parameter(module._parameters[attr].detach().clone())
+
+    monkeypatch.setattr(load_module, "_assign", assign_then_untie)
+    model = build_tiny(device="meta")
+    report = load_checkpoint(save(tmp_path, trained_state(build_tiny(seed=1)), "pt"), model)
+    assert report.load["verified"] is False
+    assert report.load["mismatched"] == ["embed.weight"]
+    (problem,) = report.problems
+    assert "its tied names no longer share one tensor" in problem.detail
+
+
 def test_preset_post_load_checks_run(tmp_path):
     def gates_open(model):
         gates = [b.x.gate for b in model.blocks if b.x is not None]

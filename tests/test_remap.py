@@ -193,7 +193,7 @@ def test_parse_rename_splits_at_last_equals():
 
 
 def test_property_every_key_is_kept_or_dropped_once():
-    from hypothesis import given, settings
+    from hypothesis import given, reject, settings
     from hypothesis import strategies as st
 
     segment = st.sampled_from(["module", "enc", "layers", "0", "1", "weight", "_orig_mod"])
@@ -205,10 +205,11 @@ def test_property_every_key_is_kept_or_dropped_once():
         rules = [Rule("drop", ("*.1.*",)), *preset_rules("compile")]
         try:
             result = apply_remap(keys, rules)
-        except RemapError:
-            return  # two keys collided, which the error names
+        except RemapError as exc:  # two keys collided, which the error names
+            assert "both map to" in exc.one_line()
+            reject()  # hypothesis fails the test when it can find too few inputs that remap
         assert sorted([*result.mapping, *result.dropped]) == sorted(keys)
-        assert all("_orig_mod." not in new for new in result.mapping.values())
+        assert [new for new in result.mapping.values() if "_orig_mod." in new] == []
         assert len(set(result.mapping.values())) == len(result.mapping)
 
     check()
