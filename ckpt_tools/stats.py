@@ -41,9 +41,9 @@ from .render import human_count, markdown_table, rich_table
 DEFAULT_CHUNK_ELEMS = 1 << 18
 DEFAULT_DEPTH = 3
 
-# Dtypes the chunk kernel reads through another dtype first (why: torch lacks min/max for them,
-# or the bytes mean something else as numbers). Integers wider than 32 unsigned bits get their own path.
-_READ_AS = {"BOOL": "uint8", "U16": "int64", "U32": "int64"}
+# Unsigned dtypes read as int64 first: torch has no min/max for them (U64 gets its own path, BOOL is
+# viewed as uint8).
+_READ_AS = {"U16": "int64", "U32": "int64"}
 _COMPLEX = frozenset({"C64", "C128"})
 _INTEGER = frozenset({"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL"})
 
@@ -199,25 +199,18 @@ class Scratch:
         self.chunk_elems = chunk_elems
         self._buffers: list = [None, None]
 
+    def buffer(self, index: int, n: int):
+        """The first ``n`` elements of buffer ``index`` (0 or 1)."""
+        import torch
+
+        buffer = self._buffers[index]
+        if buffer is None or buffer.numel() < n:  # complex values as pairs need twice the chunk
+            buffer = self._buffers[index] = torch.empty(max(n, self.chunk_elems), dtype=torch.float64)
+        return buffer[:n]
+
     def take(self, index: int, source):
         """Buffer ``index`` holding ``source`` (a 1-D tensor) converted to float64."""
-        import torch
-
-        n = source.numel()
-        buffer = self._buffers[index]
-        if buffer is None or buffer.numel() < n:  # complex pairs need twice the chunk
-            buffer = self._buffers[index] = torch.empty(max(n, self.chunk_elems), dtype=torch.float64)
-        return buffer[:n].copy_(source)
-
-    def spare(self, values):
-        """The other buffer, sized like ``values`` (for a result written with ``out=``)."""
-        import torch
-
-        n = values.numel()
-        buffer = self._buffers[1]
-        if buffer is None or buffer.numel() < n:
-            buffer = self._buffers[1] = torch.empty(max(n, self.chunk_elems), dtype=torch.float64)
-        return buffer[:n]
+        return self.buffer(index, source.numel()).copy_(source)
 
 
 def _moments(values, scratch: Scratch) -> tuple[float, float, float, int]:
@@ -231,7 +224,7 @@ def _moments(values, scratch: Scratch) -> tuple[float, float, float, int]:
 
     n = values.numel()
     mean = float(values.sum()) / n
-    sign = torch.sign(values, out=scratch.spare(values))
+    sign = torch.sign(values, out=scratch.buffer(1, n))
     abs_sum = float(torch.dot(sign, values))
     nonzero = int(torch.dot(sign, sign))
     values.sub_(mean)
@@ -296,6 +289,37 @@ def chunk_accumulator(chunk, dtype: str, scratch: Scratch) -> Accumulator:
         acc.mean, acc.m2, acc.abs_sum, nonzero = _moments(values, scratch)
         acc.zeros = acc.finite - nonzero
     return acc
+
+
+def _chunk_nonfinite(chunk, dtype: str, scratch: Scratch) -> tuple[int, int]:
+    """(NaN, Inf) counts of one chunk. One summing pass answers "none" for almost every chunk (a NaN or
+    Inf makes the sum non-finite); only a chunk whose sum is not finite is counted value by value."""
+    import torch
+
+    if dtype in _INTEGER:
+        return 0, 0
+    values = chunk.abs() if dtype in _COMPLEX else chunk
+    accumulate = torch.float64 if values.dtype == torch.float64 else torch.float32
+    if math.isfinite(float(values.sum(dtype=accumulate))):
+        return 0, 0
+    values = scratch.take(0, values)  # float64: isinf has no F8_E4M3 kernel
+    return int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+
+
+def count_nonfinite(tensor, *, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+                    scratch: Scratch | None = None) -> tuple[int, int]:
+    """(NaN count, Inf count) of a tensor, at about the cost of reading it once."""
+    import torch
+
+    _check_chunk_elems(chunk_elems)
+    scratch = scratch or Scratch(chunk_elems)
+    dtype = _dtype(tensor)
+    nan = inf = 0
+    with torch.no_grad():
+        for chunk in _chunks(tensor.detach(), chunk_elems):
+            more_nan, more_inf = _chunk_nonfinite(chunk, dtype, scratch)
+            nan, inf = nan + more_nan, inf + more_inf
+    return nan, inf
 
 
 # --- statistics reports ----------------------------------------------------------------------------------
@@ -809,6 +833,7 @@ class CheckKind:
 
     judge: Callable[[list[TensorStats]], list[tuple[str, str]]]
     fix: str
+    counts_only: bool = False  # the judge reads only NaN/Inf counts, which one cheap pass gives
 
 
 def _judge_finite(stats: list[TensorStats]) -> list[tuple[str, str]]:
@@ -830,7 +855,7 @@ def _judge_not_constant(stats: list[TensorStats]) -> list[tuple[str, str]]:
 
 CHECK_KINDS: dict[str, CheckKind] = {
     "finite": CheckKind(_judge_finite, "find the step that produced NaN/Inf (learning rate, loss scale, a bad "
-                                       "conversion); pass --allow-nonfinite to accept it"),
+                                       "conversion); pass --allow-nonfinite to accept it", counts_only=True),
     "not_all_zero": CheckKind(_judge_not_all_zero, "these tensors were never trained or never loaded: check the "
                                                    "checkpoint and its remap"),
     "not_constant": CheckKind(_judge_not_constant, "the tensor looks left at its initial value: check that it "
@@ -845,19 +870,33 @@ def default_checks(*, allow_nonfinite: bool = False) -> tuple[ValueCheck, ...]:
     return () if allow_nonfinite else (FINITE,)
 
 
-def _stats_source(source, wanted: Callable[[str], bool], chunk_elems: int) -> Iterator[TensorStats]:
-    """Stats of the wanted tensors of a StatsReport, a {name: tensor} mapping or a Checkpoint."""
+def _named_tensors(source, names: list[str]) -> Iterator[tuple[str, object]]:
+    """(name, tensor) of a {name: tensor} mapping or a Checkpoint, one at a time; meta tensors (no
+    values to judge) are skipped."""
+    for name in names:
+        tensor = source[name] if isinstance(source, Mapping) else source.tensor(name)
+        if tensor.device.type != "meta":
+            yield name, tensor
+        del tensor
+
+
+def _judged_stats(source, checks: list[ValueCheck], chunk_elems: int) -> list[TensorStats]:
+    """Stats of the tensors some check matches: in full where a check needs the values, else only
+    the NaN/Inf counts (one cheap pass)."""
+    listed = source.tensors if isinstance(source, StatsReport) else source.keys()
+    names = [n for n in listed if any(c.matches(n) for c in checks)]
     if isinstance(source, StatsReport):
-        yield from (t for name, t in source.tensors.items() if wanted(name))
-        return
-    if isinstance(source, Mapping):
-        scratch = Scratch(chunk_elems)
-        for name, tensor in source.items():
-            if wanted(name) and tensor.device.type != "meta":  # a meta tensor has no values to judge
-                yield tensor_stats(name, tensor, chunk_elems=chunk_elems, scratch=scratch)
-        return
-    names = [n for n in source.keys() if wanted(n)]
-    yield from checkpoint_stats(source, keys=names, chunk_elems=chunk_elems).tensors.values()
+        return [source.tensors[n] for n in names]
+    scratch = Scratch(chunk_elems)
+    out = []
+    for name, tensor in _named_tensors(source, names):
+        if all(CHECK_KINDS[c.kind].counts_only for c in checks if c.matches(name)):
+            nan, inf = count_nonfinite(tensor, chunk_elems=chunk_elems, scratch=scratch)
+            out.append(TensorStats(name, _dtype(tensor), tuple(tensor.shape),
+                                   Accumulator(numel=tensor.numel(), nan=nan, inf=inf)))
+        else:
+            out.append(tensor_stats(name, tensor, chunk_elems=chunk_elems, scratch=scratch))
+    return out
 
 
 def run_checks(tensors_or_checkpoint, checks: Iterable[ValueCheck], *,
@@ -865,7 +904,8 @@ def run_checks(tensors_or_checkpoint, checks: Iterable[ValueCheck], *,
     """Problems (``{"kind": "value_check", "key", "detail", "fix"}``) of ``checks`` on a StatsReport,
     a ``{name: tensor}`` mapping (a model's ``named_parameters()``) or a Checkpoint.
 
-    Only tensors some check matches are read, once each, one at a time.
+    Only tensors some check matches are read, once each, one at a time; a tensor only ``finite``
+    matches is just scanned for NaN/Inf (a single summing pass).
     """
     checks = list(checks)
     unknown = [c.kind for c in checks if c.kind not in CHECK_KINDS]
@@ -873,7 +913,7 @@ def run_checks(tensors_or_checkpoint, checks: Iterable[ValueCheck], *,
         raise UsageError(f"unknown value check kind {unknown[0]!r}", fix=f"use one of: {', '.join(CHECK_KINDS)}")
     if not checks:
         return []
-    stats = list(_stats_source(tensors_or_checkpoint, lambda n: any(c.matches(n) for c in checks), chunk_elems))
+    stats = _judged_stats(tensors_or_checkpoint, checks, chunk_elems)
     problems = []
     for check in checks:
         kind = CHECK_KINDS[check.kind]
@@ -884,6 +924,6 @@ def run_checks(tensors_or_checkpoint, checks: Iterable[ValueCheck], *,
 
 
 __all__ = ["DEFAULT_CHUNK_ELEMS", "Accumulator", "TensorStats", "ModuleStats", "StatsReport", "tensor_stats",
-           "checkpoint_stats", "Scratch", "chunk_accumulator", "DiffAccumulator", "TensorDiff", "ModuleDiff",
+           "checkpoint_stats", "count_nonfinite", "Scratch", "chunk_accumulator", "DiffAccumulator", "TensorDiff", "ModuleDiff",
            "ValueDiffReport", "tensor_diff", "chunk_diff", "value_diff", "ValueCheck", "CheckKind", "CHECK_KINDS",
            "FINITE", "default_checks", "run_checks"]

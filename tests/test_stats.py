@@ -23,9 +23,11 @@ from ckpt_tools.stats import (
     FINITE,
     ValueCheck,
     checkpoint_stats,
+    count_nonfinite,
     default_checks,
     run_checks,
     tensor_diff,
+    tensor_stats,
     value_diff,
 )
 
@@ -364,6 +366,36 @@ def test_positions_with_nan_or_inf_are_left_out_of_a_diff():
     got = tensor_diff("n", torch.tensor([float("nan"), 1.0, 2.0, 5.0]), torch.tensor([0.0, 1.0, 4.0, float("inf")]))
     assert (got.acc.nonfinite, got.acc.compared) == (2, 2)
     assert (got.acc.figures()["max_abs_diff"], got.acc.figures()["mean_abs_diff"]) == (2.0, 1.0)
+
+
+
+def _with_bytes(dtype: torch.dtype, values: list[float], raw: dict[int, int]) -> torch.Tensor:
+    """``values`` in ``dtype`` with the bytes at some positions replaced (a NaN bit pattern, say)."""
+    tensor = torch.tensor(values).to(dtype)
+    view = tensor.view(torch.uint8)
+    for index, byte in raw.items():
+        view[index] = byte
+    return tensor
+
+
+NONFINITE_CASES = [
+    (_with_bytes(torch.float8_e4m3fn, [1.0, 2.0, 3.0], {1: 0x7F}), (1, 0)),       # E4M3 has NaN, no Inf
+    (_with_bytes(torch.float8_e5m2, [1.0, 2.0, 3.0], {0: 0x7C, 2: 0x7F}), (1, 1)),  # +Inf, NaN
+    (torch.tensor([1.0, float("nan"), float("-inf"), 0.0]).to(torch.bfloat16), (1, 1)),
+    (torch.tensor([1e308, 1e308, 5.0], dtype=torch.float64), (0, 0)),  # the sum overflows; no value is Inf
+    (torch.tensor([1, 2], dtype=torch.int64), (0, 0)),
+]
+
+
+@pytest.mark.parametrize("tensor, expected", NONFINITE_CASES)
+def test_count_nonfinite(tensor, expected):
+    assert count_nonfinite(tensor, chunk_elems=2) == expected
+
+
+@pytest.mark.parametrize("tensor, expected", NONFINITE_CASES)
+def test_the_statistics_count_the_same_nan_and_inf(tensor, expected):
+    got = tensor_stats("t", tensor, chunk_elems=2).acc
+    assert (got.nan, got.inf) == expected
 
 
 # --- value checks ------------------------------------------------------------------------------------
