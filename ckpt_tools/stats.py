@@ -407,8 +407,10 @@ class StatsReport:
         numel = sum(t.acc.numel for t in self.tensors.values())
         lines = [f"values: {len(self.tensors)} tensors, {numel:,} values, read in chunks of "
                  f"{self.chunk_elems:,}"]
-        lines += [f"NaN/Inf: {name} ({self.tensors[name].acc.nan:,} NaN, {self.tensors[name].acc.inf:,} Inf)"
-                  for name in self.nonfinite]
+        for group, members in collapse(self.nonfinite).items():  # numbered layers on one line
+            nan = sum(self.tensors[m].acc.nan for m in members)
+            inf = sum(self.tensors[m].acc.inf for m in members)
+            lines.append(f"NaN/Inf: {group} ({nan:,} NaN, {inf:,} Inf)")
         lines += [f"all zero: {name}" for name in collapse(self.all_zero)]
         lines += [f"magnitude: {name} is complex; its figures describe |x|"
                   for name, t in self.tensors.items() if t.basis == "magnitude"]
@@ -665,9 +667,9 @@ class ModuleDiff:
                 _fmt(acc.relative_change), _fmt(acc.cosine), _fmt(acc.figures()["max_abs_diff"])]
 
 
-DIFF_TENSOR_HEADERS = ["tensor", "dtype", "identical", "max |a-b|", "mean |a-b|", "rel. change", "cosine",
+DIFF_TENSOR_HEADERS = ["tensor", "dtype", "identical", "max abs diff", "mean abs diff", "rel. change", "cosine",
                        "NaN/Inf"]
-DIFF_MODULE_HEADERS = ["module", "identical", "mean rel. change", "rel. change", "cosine", "max |a-b|"]
+DIFF_MODULE_HEADERS = ["module", "identical", "mean rel. change", "rel. change", "cosine", "max abs diff"]
 CHANGE_FIX = ("if the change is expected (a fine-tune, another release), raise --max-change; otherwise "
               "check that the two checkpoints are the ones you meant to compare")
 

@@ -339,6 +339,10 @@ def test_no_problem_below_max_change(a_file, b_file):
         assert value_diff(b, a, max_change=0.5).problems == []
 
 
+def test_the_value_diff_markdown_shows_the_modules(diff):
+    assert "| encoder.layers.{0,1} | 1/2 |" in diff.to_markdown()
+
+
 def test_the_value_diff_json_holds_no_nan_or_infinity(diff):
     json.dumps(diff.to_dict(), allow_nan=False)
 
