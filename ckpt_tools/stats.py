@@ -771,36 +771,51 @@ def _why_not(meta_a, meta_b) -> str | None:
     return None
 
 
+def _matched_names(a_checkpoint, b_checkpoint, keys: Sequence[str] | None):
+    """(pairs of names to compare, names only in a, names only in b) when names match as stored."""
+    names_a, names_b = list(a_checkpoint.keys()), list(b_checkpoint.keys())
+    if keys is not None:
+        unknown = [k for k in keys if k not in set(names_a) | set(names_b)]
+        if unknown:
+            raise UsageError(f"no tensor named {unknown[0]!r} in either checkpoint", key=unknown[0],
+                             fix="run `ckpt inspect` on both to list their keys")
+        wanted = set(keys)
+        names_a, names_b = [n for n in names_a if n in wanted], [n for n in names_b if n in wanted]
+    in_a, in_b = set(names_a), set(names_b)
+    return ([(n, n) for n in names_a if n in in_b], [n for n in names_a if n not in in_b],
+            [n for n in names_b if n not in in_a])
+
+
 def value_diff(a_checkpoint, b_checkpoint, *, keys: Sequence[str] | None = None,
-               chunk_elems: int = DEFAULT_CHUNK_ELEMS, max_change: float | None = None,
-               depth: int = DEFAULT_DEPTH) -> ValueDiffReport:
+               pairs: Sequence[tuple[str, str]] | None = None, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+               max_change: float | None = None, depth: int = DEFAULT_DEPTH) -> ValueDiffReport:
     """Compare the values of tensors that match by name and shape, one pair in memory at a time.
 
-    ``keys``: compare only these names (each must be in at least one side). ``max_change``: a
-    relative change above it is a problem (``ValueDiffReport.problems``).
+    ``keys``: compare only these names (each must be in at least one side). ``pairs``: instead of
+    matching names, compare exactly these (name in a, name in b), reported under the name in b (what
+    a key report's renames give). ``max_change``: a relative change above it is a problem
+    (``ValueDiffReport.problems``).
     """
     _check_chunk_elems(chunk_elems)
     if max_change is not None and not (isinstance(max_change, int | float) and max_change >= 0):
         raise UsageError(f"max_change must be a number >= 0, not {max_change!r}", fix="pass e.g. 0.01")
-    names_a, names_b = list(a_checkpoint.keys()), set(b_checkpoint.keys())
-    if keys is not None:
-        unknown = [k for k in keys if k not in names_b and k not in set(names_a)]
-        if unknown:
-            raise UsageError(f"no tensor named {unknown[0]!r} in either checkpoint", key=unknown[0],
-                             fix="run `ckpt inspect` on both to list their keys")
-        names_a, names_b = [k for k in keys if k in set(names_a)], names_b & set(keys)
+    if pairs is not None and keys is not None:
+        raise UsageError("give keys or pairs, not both", fix="filter the pairs instead")
+    only_a: list[str] = []
+    only_b: list[str] = []
+    if pairs is None:
+        pairs, only_a, only_b = _matched_names(a_checkpoint, b_checkpoint, keys)
     report = ValueDiffReport(str(getattr(a_checkpoint, "source", "a")), str(getattr(b_checkpoint, "source", "b")),
-                             {}, only_in_a=[n for n in names_a if n not in names_b],
-                             only_in_b=sorted(names_b - set(names_a)), max_change=max_change,
+                             {}, only_in_a=only_a, only_in_b=only_b, max_change=max_change,
                              chunk_elems=chunk_elems, depth=depth)
     scratch = Scratch(chunk_elems)
-    for name in (n for n in names_a if n in names_b):
-        meta_a, meta_b = a_checkpoint.meta(name), b_checkpoint.meta(name)
+    for name_a, name in pairs:
+        meta_a, meta_b = a_checkpoint.meta(name_a), b_checkpoint.meta(name)
         reason = _why_not(meta_a, meta_b)
         if reason:
             report.not_compared.append({"name": name, "reason": reason, "a": _spec(meta_a), "b": _spec(meta_b)})
             continue
-        x, y = a_checkpoint.tensor(name), b_checkpoint.tensor(name)
+        x, y = a_checkpoint.tensor(name_a), b_checkpoint.tensor(name)
         report.tensors[name] = tensor_diff(name, x, y, chunk_elems=chunk_elems, scratch=scratch)
         del x, y  # before the next pair
     return report

@@ -328,6 +328,12 @@ def test_a_module_says_how_much_of_it_changed(diff):
     assert module.line().startswith("encoder.layers.{0,1}: 50% identical, mean relative change ")
 
 
+def test_pairs_compare_renamed_tensors_under_the_name_in_b(a_file, b_file):
+    with open_checkpoint(a_file) as a, open_checkpoint(b_file) as b:
+        report = value_diff(b, a, pairs=[("decoder.only_b", "encoder.extra")])
+    assert (list(report.tensors), report.tensors["encoder.extra"].identical) == (["encoder.extra"], True)
+
+
 def test_a_change_above_max_change_is_a_problem(a_file, b_file):
     with open_checkpoint(a_file) as a, open_checkpoint(b_file) as b:
         report = value_diff(b, a, max_change=1e-4)
