@@ -35,10 +35,11 @@ from .meta import dtype_name
 from .naming import collapse, module_prefix
 from .render import human_count, markdown_table, rich_table
 
-# 256K elements: two 2 MB float64 buffers stay in a core's cache while the chunk is worked on, and
-# the per-chunk overhead of a handful of torch calls is small against it. Measured on a 1 GB .pt
-# (2 cores): 64K 0.41 s, 256K 0.33 s, 1M 0.47 s, 4M 0.51 s.
-DEFAULT_CHUNK_ELEMS = 1 << 18
+# 4M elements: two 32 MB float64 buffers. Each torch call on a chunk is one parallel region whose
+# threads must all get a core; on a machine with other work those waits dominate small chunks.
+# Measured on a 1 GB .pt, 2 cores: idle 256K 0.33 s, 1M 0.47 s, 4M 0.51 s; with other processes
+# busy, median of six 256K 4 s, 1M 1 s, 4M 0.6 s.
+DEFAULT_CHUNK_ELEMS = 1 << 22
 DEFAULT_DEPTH = 3
 
 # Unsigned dtypes read as int64 first: torch has no min/max for them (U64 gets its own path, BOOL is
