@@ -213,9 +213,12 @@ def cli() -> None:
 @click.option("--keys/--modules", "keys", default=None,
               help="One row per tensor (name, shape, dtype, bytes), or per module; by default per tensor when "
                    "there are at most 40.")
+@click.option("--stats", "stats", is_flag=True,
+              help="Also read the values, one tensor at a time: min, max, mean, std, NaN, Inf, zeros, per "
+                   "tensor and per module.")
 @reader_options
 @format_option(html=True)
-def inspect(source: str, pattern: str | None, depth: int, keys: bool | None, select: str | None,
+def inspect(source: str, pattern: str | None, depth: int, keys: bool | None, stats: bool, select: str | None,
             inert: bool) -> None:
     """Show keys, shapes, dtypes, params, bytes, aliases and extras without loading tensors.
 
@@ -224,8 +227,10 @@ def inspect(source: str, pattern: str | None, depth: int, keys: bool | None, sel
       ckpt inspect checkpoint.pt --depth 2
       ckpt inspect hf://openflamingo/OpenFlamingo-3B-vitl-mpt1b/checkpoint.pt --format json
       ckpt inspect last.ckpt --select state_dict_ema --keys
+      ckpt inspect model.safetensors --stats --format json
     """
-    emit(inspect_checkpoint(source, filter=pattern, depth=depth, keys=keys, select=select, inert=inert))
+    emit(inspect_checkpoint(source, filter=pattern, depth=depth, keys=keys, select=select, inert=inert,
+                            stats=stats))
 
 
 # --- remap ---
@@ -320,11 +325,16 @@ def _expect_options(func):
               help="Apply the remap rules inferred when keys do not match (the report names them).")
 @click.option("--write-rules", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the inferred remap rules to FILE (TOML), for --rules FILE in any command.")
+@click.option("--values", is_flag=True,
+              help="With --against: also compare the values of the tensors that match (max and mean |a-b|, "
+                   "relative change, cosine, bitwise identical), read side by side.")
+@click.option("--max-change", type=click.FloatRange(min=0), metavar="X",
+              help="With --against: a relative change ||a-b||/||b|| above X is a problem (implies --values).")
 @reader_options
 @format_option(html=True)
 def diff(source: str, model: str | None, model_config: str | None, against: str | None,
          expect_missing: tuple[str, ...], require: tuple[str, ...], auto_remap: bool, write_rules: str | None,
-         select: str | None, inert: bool, **kwargs) -> None:
+         values: bool, max_change: float | None, select: str | None, inert: bool, **kwargs) -> None:
     """Key report of SOURCE against a model: matched, cast, shape mismatches, missing, unexpected.
 
     Missing keys are split into expected (frozen in the model, --expect-missing, the preset's
@@ -337,10 +347,11 @@ def diff(source: str, model: str | None, model_config: str | None, against: str 
       ckpt diff train.pt --model openflamingo-3b-vitl-mpt1b --strip-prefix module. --format json
       ckpt diff new.safetensors --against old.safetensors --format markdown
       ckpt diff renamed.pt --model openflamingo-3b-vitl-mpt1b --write-rules fix.toml
+      ckpt diff finetuned.safetensors --against base.safetensors --values --max-change 0.05
     """
     report = diff_keys(source, target_from_options(model, model_config, against), remap=rules_from_options(kwargs),
                        expect_missing=expect_missing, require=require, select=select, inert=inert,
-                       auto_remap=auto_remap)
+                       auto_remap=auto_remap, values=values, max_change=max_change)
     if write_rules:
         write_inferred_rules(report, write_rules)
     emit(report)
@@ -369,6 +380,7 @@ def diff(source: str, model: str | None, model_config: str | None, against: str 
 @click.option("--force", is_flag=True, help="Go on past a failing key check (download, convert, load what fits).")
 @click.option("--auto-remap", is_flag=True,
               help="Apply the remap rules inferred when keys do not match (diff, conversion and load).")
+@click.option("--allow-nonfinite", is_flag=True, help="With --load: accept NaN or Inf in loaded tensors.")
 @click.option("--allow-random", is_flag=True,
               help="With --load on a model built for real: accept parameters that stay randomly initialised.")
 @click.option("--device", default="meta", show_default=True,
@@ -378,7 +390,8 @@ def diff(source: str, model: str | None, model_config: str | None, against: str 
 def validate(source: str, model: str | None, model_config: str | None, expect_missing: tuple[str, ...],
              require: tuple[str, ...], revision: str | None, endpoint: str | None, cache_dir: str | None,
              lock_file: str | None, convert_to: str | None, overwrite: bool, do_load: bool, force: bool,
-             auto_remap: bool, allow_random: bool, device: str, select: str | None, inert: bool, **kwargs) -> None:
+             auto_remap: bool, allow_nonfinite: bool, allow_random: bool, device: str, select: str | None,
+             inert: bool, **kwargs) -> None:
     """Validate a checkpoint: pin, inspect, diff (remotely first), download, convert, load: one verdict.
 
     SOURCE is a local file or folder, hf://ORG/NAME[@REVISION]/PATH, or ORG/NAME with --revision
@@ -396,7 +409,8 @@ def validate(source: str, model: str | None, model_config: str | None, expect_mi
                           expect_missing=expect_missing, require=require, load=do_load, force=force,
                           device=device, revision=revision, endpoint=endpoint, cache_dir=cache_dir,
                           lock=lock_file, convert=convert_to, overwrite=overwrite,
-                          allow_random=allow_random, select=select, inert=inert, auto_remap=auto_remap)
+                          allow_random=allow_random, select=select, inert=inert, auto_remap=auto_remap,
+                          allow_nonfinite=allow_nonfinite)
     emit(report)
     sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
 

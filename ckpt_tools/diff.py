@@ -24,7 +24,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import RemapError
+from .checkpoint import Checkpoint
+from .errors import RemapError, UsageError
+from .formats import open_checkpoint
 from .infer import Inference, infer_rules, rule_flags
 from .meta import TensorMeta
 from .naming import collapse, format_numbers, module_prefix
@@ -32,11 +34,13 @@ from .presets import ModelPreset, get_preset
 from .remap import Rule, apply_remap, coerce_rules
 from .render import human_count, markdown_table, plural, rich_table
 from .side import Side
+from .stats import ValueDiffReport, value_diff
 from .targets import open_side, resolve_target
 
 COUNT_NAMES = ("matched", "dtype_mismatch", "shape_mismatch", "unexpected", "missing_expected",
                "missing_unexpected")
-FAILING_KINDS = frozenset({"shape_mismatch", "missing_unexpected", "unexpected", "load"})
+FAILING_KINDS = frozenset({"shape_mismatch", "missing_unexpected", "unexpected", "load", "value_check",
+                           "value_change"})
 LOADABLE = frozenset({"matched", "dtype_mismatch"})
 
 # Module renames made by libraries between releases: (old segment, new segment, why).
@@ -126,6 +130,7 @@ class KeyReport:
     inference: Inference | None = None  # remap rules inferred when keys did not match
     with_inferred: dict | None = None  # {"verdict", "counts", "summary"} the checkpoint gets with them
     auto_remapped: bool = False  # this report is the one with the inferred rules applied
+    values: ValueDiffReport | None = None  # the values of matched tensors, against another checkpoint
 
     @property
     def counts(self) -> dict[str, int]:
@@ -163,6 +168,8 @@ class KeyReport:
             "inferred_rules": self.inference.to_dict()["inferred_rules"] if self.inference else [],
             "auto_remap": self.auto_remapped,
         }
+        if self.values is not None:
+            out["value_diff"] = self.values.to_dict()
         if self.inference is not None:
             out["inference"] = {**{k: v for k, v in self.inference.to_dict().items() if k != "inferred_rules"},
                                 "with_rules": self.with_inferred}
@@ -225,6 +232,8 @@ class KeyReport:
             parts.append(Text(f"hint: {_hint_text(hint)}"))
         if self.inference is not None:
             parts += [Text(self.inference_line(), style="bold"), self.inference.rules_table()]
+        if self.values is not None:
+            parts.append(self.values.rich_table())
         if self.load is not None:
             parts.append(Text("load: " + _load_text(self.load)))
         if with_verdict:
@@ -246,6 +255,8 @@ class KeyReport:
         if self.inference is not None:
             flags = rule_flags(self.inference.rules, self.inference.maps)
             lines += ["", f"**{self.inference_line()}**: `{flags}`"]
+        if self.values is not None:
+            lines += ["", self.values.to_markdown()]
         if self.load is not None:
             lines += ["", f"**Load**: {_load_text(self.load)}"]
         return "\n".join(lines) + "\n"
@@ -264,7 +275,7 @@ def _load_text(load: Mapping) -> str:
         bits.append(f"{len(load['skipped'])} skipped")
     if load.get("mismatched"):
         bits.append(f"differ after load: {', '.join(load['mismatched'][:3])}")
-    bits += [f"check: {c}" for c in load.get("checks", [])]
+    bits += [f"check: {c['key']}: {c['detail']}" for c in load.get("checks", [])]
     return "; ".join(bits)
 
 
@@ -352,7 +363,8 @@ class _Expectations:
 
 def diff_keys(checkpoint, target, *, remap=None, expect_missing: Sequence[str] = (),
               require: Sequence[str] = (), preset=None, select: str | None = None,
-              inert: bool = False, auto_remap: bool = False) -> KeyReport:
+              inert: bool = False, auto_remap: bool = False, values: bool = False,
+              max_change: float | None = None) -> KeyReport:
     """Compare a checkpoint's keys with a target's; never loads tensor bytes.
 
     ``checkpoint``: a Checkpoint, a path or hf:// reference, or a mapping of TensorMeta (or tensors).
@@ -362,6 +374,9 @@ def diff_keys(checkpoint, target, *, remap=None, expect_missing: Sequence[str] =
     preset's own remap. ``preset``: a preset whose remap, expectations and hints apply to a target
     given as a model (``load_checkpoint`` passes it). ``select``/``inert``: as ``open_checkpoint``.
     ``auto_remap``: apply the remap rules inferred when keys do not match (always reported).
+    ``values``: against another checkpoint, also compare the values of the tensors that match
+    (``stats.value_diff``: streaming, one pair at a time); ``max_change``: a relative change above it
+    is a problem. The key verdict is unchanged by values unless ``max_change`` is given.
     """
     ck, opened = open_side(checkpoint, select=select, inert=inert)
     try:
@@ -371,7 +386,22 @@ def diff_keys(checkpoint, target, *, remap=None, expect_missing: Sequence[str] =
             opened.close()  # the listing is all a diff needs
     if preset is not None:
         side.preset = preset if isinstance(preset, ModelPreset) else get_preset(str(preset))
-    return compare(ck, side, remap=remap, expect_missing=expect_missing, require=require, auto_remap=auto_remap)
+    report = compare(ck, side, remap=remap, expect_missing=expect_missing, require=require, auto_remap=auto_remap)
+    if values or max_change is not None:
+        _compare_values(report, checkpoint, side, max_change, {"select": select, "inert": inert})
+    return report
+
+
+def _compare_values(report: KeyReport, checkpoint, side: Side, max_change: float | None, options: dict) -> None:
+    """The value diff of the tensors the key report matched, read side by side."""
+    if side.source is None:
+        raise UsageError("values can only be compared with another checkpoint", path=str(checkpoint),
+                         fix="use --against SOURCE2 with --values")
+    pairs = [(e.ckpt_key, e.name) for e in report.loadable()]
+    with (checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint, **options)) as a, \
+            open_checkpoint(side.source) as b:
+        report.values = value_diff(a, b, pairs=pairs, max_change=max_change)
+    report.problems += [Problem(**problem) for problem in report.values.problems]
 
 
 def compare(ck: Side, target: Side, *, remap=None, expect_missing: Sequence[str] = (),

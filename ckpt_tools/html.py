@@ -610,13 +610,45 @@ def _body(kind: str, data: Mapping, command_line: str, tool_version: str, title:
                                   "provenance"))
         if diff.get("coverage"):
             parts.append(_section("Coverage by module", coverage_html(diff["coverage"]), "coverage"))
+        if diff.get("value_diff"):
+            parts.append(_section("Values", value_diff_html(diff["value_diff"]), "values"))
     else:
         parts.append(_section("Details", inspect_extras_html(data), "details"))
+        if data.get("stats"):
+            parts.append(_section("Values", stats_html(data["stats"]), "values"))
     parts.append(_tree_section(kind, data))
     parts.append(f'</main><footer><p>ckpt-tools {esc(tool_version)}</p><p>Command: <code id="command">'
                  f'{esc(command_line)}</code> {copy_button(command_line, "Copy command line")}</p>'
                  '<p id="live" class="sr" role="status" aria-live="polite"></p></footer>')
     return "".join(parts)
+
+
+def _number(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return esc(f"{value:.4g}")
+    return esc(f"{value:,}")
+
+
+def stats_html(stats: Mapping) -> str:
+    """``inspect --stats``: the values per module, and the tensors that are all zero or not finite."""
+    rows = [[esc(m["name"]), _number(m["tensors"]), _number(m["numel"]), _number(m["min"]), _number(m["max"]),
+             _number(m["mean"]), _number(m["std"]), _number(m["abs_mean"]), _number(m["nan"]), _number(m["inf"]),
+             esc(f"{m['zero_fraction']:.2%}")] for m in stats.get("modules") or ()]
+    notes = [f"<p>Not finite: {', '.join(_code(n) for n in stats['nonfinite'])}</p>"] if stats.get("nonfinite") else []
+    notes += [f"<p>All zero: {', '.join(_code(n) for n in stats['all_zero'])}</p>"] if stats.get("all_zero") else []
+    return "".join(notes) + _table(["module", "tensors", "values", "min", "max", "mean", "std", "abs mean", "NaN",
+                                    "Inf", "zeros"], rows, caption="Values by module")
+
+
+def value_diff_html(values: Mapping) -> str:
+    """``diff --values``: how much each module changed between the two checkpoints."""
+    rows = [[esc(m["name"]), esc(f"{m['identical']}/{m['tensors']}"), _number(m["mean_relative_change"]),
+             _number(m["relative_change"]), _number(m["cosine"]), _number(m["max_abs_diff"])]
+            for m in values.get("modules") or ()]
+    return _table(["module", "bitwise identical", "mean relative change", "relative change", "cosine",
+                   "max |a-b|"], rows, caption="Value changes by module")
 
 
 def _csp_hash(text: str) -> str:

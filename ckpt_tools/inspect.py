@@ -12,6 +12,7 @@ from .formats import open_checkpoint
 from .meta import TensorMeta
 from .naming import collapse, module_prefix
 from .render import human_bytes, human_count, markdown_table, rich_table
+from .stats import StatsReport, checkpoint_stats
 
 LEAF_ROWS = 40  # a listing this short shows every tensor, not module groups
 
@@ -49,6 +50,7 @@ class InspectReport:
     other_files: list[str] = field(default_factory=list)  # a folder's files beside the one read
     file_tensors: int | None = None  # every tensor the file holds, when it holds more than the listing
     show_keys: bool | None = None  # one row per tensor; None: when there are few (LEAF_ROWS)
+    stats: StatsReport | None = None  # the values, with --stats
 
     @property
     def unique(self) -> dict[str, TensorMeta]:
@@ -91,6 +93,7 @@ class InspectReport:
             "selection": self.selection,
             "not_executed": list(self.not_executed),
             "other_files": list(self.other_files),
+            **({"stats": self.stats.to_dict()} if self.stats is not None else {}),
         }
 
     def _summary_lines(self) -> list[str]:
@@ -122,12 +125,14 @@ class InspectReport:
 
         headers, rows = self._table()
         table = rich_table(None, headers, rows, justify_right=("keys", "params", "bytes"))
-        return RichGroup(*(Text(line) for line in self._summary_lines()), table)
+        stats = [self.stats.rich_table()] if self.stats is not None else []
+        return RichGroup(*(Text(line) for line in self._summary_lines()), table, *stats)
 
     def to_markdown(self) -> str:
         summary = "\n".join(f"- {line}" for line in self._summary_lines())
         headers, rows = self._table()
-        return f"### {Path(self.source).name}\n\n{summary}\n\n{markdown_table(headers, rows)}\n"
+        stats = f"\n{self.stats.to_markdown()}" if self.stats is not None else ""
+        return f"### {Path(self.source).name}\n\n{summary}\n\n{markdown_table(headers, rows)}\n{stats}"
 
 
 def _both(n: int, short) -> str:
@@ -168,11 +173,15 @@ def listing(checkpoint: Checkpoint, source: str, *, pattern: str | None = None, 
 
 def inspect_checkpoint(source: str | Path, *, filter: str | None = None, depth: int = 3,
                        keys: bool | None = None, select: str | None = None, inert: bool = False,
-                       **remote) -> InspectReport:
+                       stats: bool = False, **remote) -> InspectReport:
     """List keys, shapes, dtypes, aliases, extras and metadata of any checkpoint without its bytes.
 
     ``filter``: a glob the keys must match (one must); ``keys``: one table row per tensor (by
     default when there are at most ``LEAF_ROWS``); ``select``/``inert``: as ``open_checkpoint``;
-    ``remote``: hub options (``revision``, ``endpoint``, ``token``...)."""
+    ``remote``: hub options (``revision``, ``endpoint``, ``token``...); ``stats``: also read every
+    listed tensor's values, one at a time (min, max, mean, std, NaN/Inf, zeros; ``stats.py``)."""
     with open_checkpoint(source, select=select, inert=inert, **remote) as ckpt:
-        return listing(ckpt, str(source), pattern=filter, depth=depth, show_keys=keys)
+        report = listing(ckpt, str(source), pattern=filter, depth=depth, show_keys=keys)
+        if stats:
+            report.stats = checkpoint_stats(ckpt, keys=list(report.tensors), depth=depth)
+        return report

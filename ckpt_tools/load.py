@@ -23,6 +23,7 @@ from .errors import LoadRefusedError, UsageError
 from .formats import open_checkpoint
 from .presets import ModelPreset, get_preset
 from .provenance import WeightSource, record
+from .stats import ValueCheck, default_checks, run_checks
 from .targets import checkpoint_side, is_module, module_side
 
 
@@ -35,16 +36,18 @@ def _resolve_preset(preset):
 def load_checkpoint(checkpoint, model, *, remap=None, expect_missing: Sequence[str] = (),
                     require: Sequence[str] = (), force: bool = False, preset=None, verify: bool = True,
                     device: str | None = None, provenance=None, select: str | None = None,
-                    inert: bool = False, auto_remap: bool = False) -> KeyReport:
+                    inert: bool = False, auto_remap: bool = False, allow_nonfinite: bool = False) -> KeyReport:
     """Diff ``checkpoint`` against ``model``, then load every tensor that fits and verify it landed.
 
     ``checkpoint``: a path, hf:// reference or open Checkpoint (the same first argument as
     ``diff_keys``). ``preset``: a preset name or
-    ModelPreset whose remap, expectations, hints and post-load checks apply. ``force``: load even
+    ModelPreset whose remap, expectations, hints and value checks apply. ``force``: load even
     when the verdict fails (shape mismatches are still skipped). ``device``: where tensors of a
     meta-device model are materialised (default ``cpu``). ``provenance``: the WeightSource recorded
     for every tensor loaded (default: the checkpoint's file name). Raises LoadRefusedError
-    (carrying the report) when the verdict fails and ``force`` is not set.
+    (carrying the report) when the verdict fails and ``force`` is not set. After the load every
+    loaded tensor is checked for NaN and Inf (a problem unless ``allow_nonfinite``) and the
+    preset's value checks run on the model (``stats.run_checks``).
     """
     if is_module(checkpoint) and not is_module(model):
         raise UsageError("load_checkpoint takes the checkpoint first, then the model",
@@ -60,13 +63,12 @@ def load_checkpoint(checkpoint, model, *, remap=None, expect_missing: Sequence[s
                                    fix="fix the problems in the key report (ckpt diff), or pass force=True "
                                        "(--force) to load the tensors that fit")
         report.load, bad = _load(model, ckpt, report, side.preset, device=device, verify=verify,
-                                 forced=force and not report.ok)
+                                 forced=force and not report.ok, allow_nonfinite=allow_nonfinite)
         _record(model, report, provenance, ckpt)
     finally:
         if ckpt is not checkpoint:
             ckpt.close()
-    for text in report.load["checks"]:
-        report.problems.append(Problem("load", "(model)", text, "check that the checkpoint holds trained weights"))
+    report.problems += [Problem(**check) for check in report.load["checks"]]
     for key, why, fix in bad:
         report.problems.append(Problem("load", key, why, fix))
     return report
@@ -86,7 +88,7 @@ def _refusal(report: KeyReport) -> str:
 
 
 def _load(model, ckpt, report: KeyReport, preset, *, device: str | None, verify: bool,
-          forced: bool) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+          forced: bool, allow_nonfinite: bool) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
     import torch
 
     started = time.perf_counter()
@@ -101,7 +103,7 @@ def _load(model, ckpt, report: KeyReport, preset, *, device: str | None, verify:
     loaded_s = time.perf_counter() - started
     bad = _verify(model, ckpt, entries) if verify else []
     mismatched = [name for name, _, _ in bad]
-    checks = list(preset.post_load_checks(model) or []) if preset and preset.post_load_checks else []
+    checks = _value_checks(model, entries, preset, allow_nonfinite)
     still_meta = sum(1 for t in model.state_dict(keep_vars=True).values() if t.device.type == "meta")
     return {
         "loaded": len(entries),
@@ -117,6 +119,17 @@ def _load(model, ckpt, report: KeyReport, preset, *, device: str | None, verify:
         "seconds": round(time.perf_counter() - started, 3),
         "copy_seconds": round(loaded_s, 3),
     }, bad
+
+
+def _value_checks(model, entries: list[Entry], preset, allow_nonfinite: bool) -> list[dict]:
+    """Problems in the values: NaN/Inf in a loaded tensor (after its cast), then the preset's checks
+    on the whole model (OpenFlamingo: its gates must not all be 0, or the cross-attention never landed)."""
+    loaded = {entry.name: _current(model, entry.name) for entry in entries}
+    found = run_checks(loaded, default_checks(allow_nonfinite=allow_nonfinite))
+    preset_checks = [ValueCheck(**dict(check)) for check in (preset.value_checks if preset else ())]
+    if preset_checks:
+        found += run_checks(dict(model.state_dict(keep_vars=True)), preset_checks)
+    return found
 
 
 def _owner(model, name: str):

@@ -10,7 +10,8 @@ A preset is data plus a few callables:
 - ``expect_missing`` / ``require``: globs of keys a checkpoint may omit / must cover;
 - ``hints(checkpoint_metas, model_metas)``: model-specific explanations of mismatches
   (for OpenFlamingo: the cross-attention interval and tokenizer length a file implies);
-- ``post_load_checks(model)``: problems that only show after a load (all gates still zero).
+- ``value_checks``: checks on the loaded values, as data: ``{"name", "globs", "kind"[, "detail",
+  "fix"]}`` with a kind of ``stats.CHECK_KINDS`` (``finite``, ``not_all_zero``, ``not_constant``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class ModelPreset:
     expect_missing: Sequence[str] = ()
     require: Sequence[str] = ()
     hints: Callable[[Mapping, Mapping], list[dict]] | None = None
-    post_load_checks: Callable[[Any], list[str]] | None = None
+    value_checks: Sequence[Mapping[str, Any]] = ()
     info: Mapping[str, Any] = field(default_factory=dict)
 
 

@@ -24,6 +24,7 @@ class Side:
     trainable: dict[str, bool] | None = None  # None: unknown (a checkpoint), treat as required
     model: Any = None  # the nn.Module, when the side is one
     preset: Any = None  # the ModelPreset it came from, if any
+    source: str | None = None  # the SOURCE of a checkpoint side (to read its values again)
 
 
 def groups_from_aliases(names: Iterable[str], aliases: Iterable[Sequence[str]]) -> list[list[str]]:

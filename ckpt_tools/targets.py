@@ -51,7 +51,7 @@ def module_side(model, label: str | None = None) -> Side:
 
 
 def checkpoint_side(ckpt) -> Side:
-    return Side(ckpt.source, ckpt.metas(), groups_from_aliases(ckpt.keys(), ckpt.aliases))
+    return Side(ckpt.source, ckpt.metas(), groups_from_aliases(ckpt.keys(), ckpt.aliases), source=ckpt.source)
 
 
 def mapping_side(mapping: Mapping[str, Any], label: str) -> Side:

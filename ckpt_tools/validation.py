@@ -177,7 +177,7 @@ def validate(source: str | Path, *, model: str | None = None, model_config: str 
              cache_dir: str | Path | None = None, lock: str | Path | None = None,
              convert: str | Path | None = None, overwrite: bool = False,
              allow_random: bool = False, select: str | None = None, inert: bool = False,
-             auto_remap: bool = False) -> ValidationReport:
+             auto_remap: bool = False, allow_nonfinite: bool = False) -> ValidationReport:
     """Validate a checkpoint against the model it is meant for; see the module docstring.
 
     ``device``: where the target model is built (``meta``: a skeleton; tensors loaded into it are
@@ -188,6 +188,7 @@ def validate(source: str | Path, *, model: str | None = None, model_config: str 
     load (by default any such parameter fails the verdict). ``select``/``inert``: as
     ``open_checkpoint``, for every read of the checkpoint. ``auto_remap``: apply the remap rules
     inferred when keys do not match, in the diff, the conversion and the load (always reported).
+    ``allow_nonfinite``: a loaded NaN or Inf is not a problem (by default it fails the verdict).
     """
     if model is None and model_config is None:
         build_target(model, model_config)  # raises the usage error before anything is opened
@@ -215,7 +216,7 @@ def validate(source: str | Path, *, model: str | None = None, model_config: str 
 
     report = _validate_local(local, str(source), target, options, load=load, force=force,
                              device=device, load_device=load_device, convert=convert, overwrite=overwrite,
-                             reading=reading,
+                             reading=reading, allow_nonfinite=allow_nonfinite,
                              origin=_origin(ref, remote, download, local), allow_random=allow_random)
     report.remote, report.download = remote, download
     return report
@@ -252,7 +253,8 @@ def _origin(ref, remote: RemoteCheck | None, download, local) -> Any:
 
 
 def _validate_local(local, given: str, make_target: Callable[[], Target], options: dict, *, load: bool, force: bool,
-                    device: str, load_device: str | None, convert, overwrite: bool, reading: dict, origin,
+                    device: str, load_device: str | None, convert, overwrite: bool, reading: dict,
+                    allow_nonfinite: bool, origin,
                     allow_random: bool = False) -> ValidationReport:
     with open_checkpoint(local, **reading) as ckpt:  # a bad file is reported before the model is built
         target = make_target()
@@ -274,7 +276,7 @@ def _validate_local(local, given: str, make_target: Callable[[], Target], option
     if load:
         try:
             report.keys = load_checkpoint(load_from, target.model, **options, **reading, force=force, preset=target.preset,
-                                          device=load_device, provenance=origin)
+                                          device=load_device, provenance=origin, allow_nonfinite=allow_nonfinite)
         except LoadRefusedError as exc:
             exc.report.target = target.label
             report.keys, report.refused = exc.report, exc.message

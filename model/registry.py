@@ -103,7 +103,7 @@ class FlamingoSpec:
             name=self.name, build=self.build, description=self.description, repo_id=self.repo_id,
             filename=self.filename, remap=[dict(rule) for rule in (*self.remap, *FULL_STATE_DICT)],
             expect_missing=expect_missing_globs(self.family), require=require_globs(self.family),
-            hints=checks.hints, post_load_checks=checks.post_load_checks, info=self.info())
+            hints=checks.hints, value_checks=checks.VALUE_CHECKS, info=self.info())
 
     def info(self) -> dict[str, Any]:
         return {

@@ -121,7 +121,7 @@ def test_validate_fails_when_the_gates_never_opened(run_cli, tiny):
     assert result.exit_code == 1
     data = json.loads(result.stdout)
     assert data["load"]["verified"] is False
-    assert "exactly 0" in data["load"]["checks"][0]
+    assert "exactly 0" in data["load"]["checks"][0]["detail"]
 
 
 def test_validate_refuses_a_load_with_a_shape_mismatch(run_cli, tiny):

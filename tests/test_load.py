@@ -144,19 +144,28 @@ def test_verification_catches_a_tie_broken_during_the_load(tmp_path, monkeypatch
     assert "its tied names no longer share one tensor" in problem.detail
 
 
-def test_preset_post_load_checks_run(tmp_path):
-    def gates_open(model):
-        gates = [b.x.gate for b in model.blocks if b.x is not None]
-        return ["every gate is still exactly 0"] if all(float(g.detach().abs().max()) == 0 for g in gates) else []
-
-    preset = ModelPreset(name="tiny-test", build=build_tiny, post_load_checks=gates_open)
+def test_preset_value_checks_run_after_the_load(tmp_path):
+    gates = {"name": "gates", "globs": ["*.gate"], "kind": "not_all_zero", "detail": "every gate is still exactly 0"}
+    preset = ModelPreset(name="tiny-test", build=build_tiny, value_checks=[gates])
     good = load_checkpoint(save(tmp_path, trained_state(build_tiny(seed=1))), build_tiny(), preset=preset)
-    assert good.load["checks"] == [] and good.load["verified"] is True
+    assert (good.load["checks"], good.load["verified"]) == ([], True)
     closed = trained_state(build_tiny(seed=1), gate=0.0)
     bad = load_checkpoint(save(tmp_path, closed), build_tiny(), preset=preset)
-    assert bad.load["checks"] == ["every gate is still exactly 0"]
+    assert [c["detail"] for c in bad.load["checks"]] == ["gates: every gate is still exactly 0"]
     assert bad.load["verified"] is False
     assert bad.verdict == "fail"
+
+
+def test_a_loaded_nan_fails_the_verdict_unless_allowed(tmp_path):
+    state = trained_state(build_tiny(seed=1))
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1 and "embed" not in k
+               and "head" not in k)  # not the tied pair, whose two names would then disagree
+    state[key][0] = float("nan")
+    report = load_checkpoint(save(tmp_path, state), build_tiny())
+    assert [(c["kind"], c["key"]) for c in report.load["checks"]] == [("value_check", key)]
+    assert report.verdict == "fail"
+    allowed = load_checkpoint(save(tmp_path, state), build_tiny(), allow_nonfinite=True)
+    assert allowed.verdict == "ok"
 
 
 def test_reads_each_tensor_through_the_lazy_reader(tmp_path, monkeypatch):

@@ -164,14 +164,18 @@ def test_hints_report_an_interval_no_setting_produces():
                               "fits that pattern; the model has 1")
 
 
-def test_post_load_checks_flag_gates_that_never_left_zero():
+def test_the_gate_check_flags_gates_that_never_left_zero():
+    from ckpt_tools.stats import ValueCheck, run_checks
+
+    gate_checks = [ValueCheck(**check) for check in checks.VALUE_CHECKS]
     model = registry.TINY.build(device="cpu")
-    (problem,) = checks.post_load_checks(model)
-    assert problem.startswith("all 4 attn_gate/ff_gate values are exactly 0.0")
+    (problem,) = run_checks(dict(model.state_dict(keep_vars=True)), gate_checks)
+    assert problem["detail"].startswith("xattn_gates_trained: every attn_gate/ff_gate is exactly 0.0")
     with torch.no_grad():
         model.gated_cross_attn_layers[0].attn_gate.fill_(0.25)
-    assert checks.post_load_checks(model) == []
-    assert checks.post_load_checks(registry.TINY.build(device="meta")) == []
+    assert run_checks(dict(model.state_dict(keep_vars=True)), gate_checks) == []
+    meta = registry.TINY.build(device="meta")
+    assert run_checks(dict(meta.state_dict(keep_vars=True)), gate_checks) == []
 
 
 def test_tiny_preset_builds_for_real_and_deterministically():

@@ -463,3 +463,49 @@ def test_an_unknown_check_kind_is_a_usage_error():
 
 def test_allow_nonfinite_drops_the_default_check():
     assert (default_checks(), default_checks(allow_nonfinite=True)) == ((FINITE,), ())
+
+
+# -- through the CLI ----------------------------------------------------------------------------
+
+
+def _pair(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    base = {"perceiver.w": torch.arange(64.0).reshape(8, 8), "vision.w": torch.ones(4, 4)}
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["perceiver.w"] += 1e-3
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    return tmp_path / "tuned.safetensors", tmp_path / "base.safetensors"
+
+
+def test_diff_values_rolls_changes_up_per_module_and_keeps_the_key_verdict(tmp_path, run_cli):
+    tuned, base = _pair(tmp_path)
+    result = run_cli("diff", tuned, "--against", base, "--values", "--format", "json")
+    assert result.exit_code == 0
+    modules = {m["name"]: m["identical"] for m in json.loads(result.stdout)["value_diff"]["modules"]}
+    assert modules == {"perceiver": 0, "vision": 1}
+
+
+def test_max_change_turns_a_large_change_into_a_problem(tmp_path, run_cli):
+    tuned, base = _pair(tmp_path)
+    result = run_cli("diff", tuned, "--against", base, "--max-change", "1e-6", "--format", "json")
+    assert result.exit_code == 1
+    assert [(p["kind"], p["key"]) for p in json.loads(result.stdout)["problems"]] == [("value_change", "perceiver.w")]
+
+
+def test_values_need_another_checkpoint(tmp_path, run_cli):
+    tuned, _ = _pair(tmp_path)
+    result = run_cli("diff", tuned, "--model", "openflamingo-tiny", "--values")
+    assert result.exit_code == 2
+    assert "values can only be compared with another checkpoint" in result.stderr
+
+
+def test_inspect_stats_in_json_names_the_all_zero_tensors(tmp_path, run_cli):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"gate": torch.zeros(3), "w": torch.ones(2)}, str(tmp_path / "g.safetensors"))
+    data = json.loads(run_cli("inspect", tmp_path / "g.safetensors", "--stats", "--format", "json").stdout)
+    assert data["stats"]["all_zero"] == ["gate"]
