@@ -23,7 +23,7 @@ from .errors import LoadRefusedError, UsageError
 from .formats import open_checkpoint
 from .presets import ModelPreset, get_preset
 from .provenance import WeightSource, record
-from .targets import checkpoint_side, is_module, module_side
+from .targets import TargetOptions, build_model, checkpoint_side, is_module, module_side
 
 
 def _resolve_preset(preset):
@@ -35,11 +35,17 @@ def _resolve_preset(preset):
 def load_checkpoint(checkpoint, model, *, remap=None, expect_missing: Sequence[str] = (),
                     require: Sequence[str] = (), force: bool = False, preset=None, verify: bool = True,
                     device: str | None = None, provenance=None, select: str | None = None,
-                    inert: bool = False) -> KeyReport:
+                    inert: bool = False, model_class: str | None = None, trust_remote_code: bool = False,
+                    endpoint: str | None = None, token: str | bool | None = None) -> KeyReport:
     """Diff ``checkpoint`` against ``model``, then load every tensor that fits and verify it landed.
 
     ``checkpoint``: a path, hf:// reference or open Checkpoint (the same first argument as
-    ``diff_keys``). ``preset``: a preset name or
+    ``diff_keys``). ``model``: an nn.Module, or a target string as ``diff_keys`` takes (a preset, a
+    transformers folder, config.json or hf://ORG/NAME, timm:NAME, open_clip:NAME,
+    package.module:callable; ``model_class``, ``trust_remote_code``, ``endpoint``, ``token`` as
+    there): the model is then built on the meta device, filled from the checkpoint, and returned
+    as ``report.model`` (what the checkpoint does not hold stays on meta: ``load["still_on_meta"]``).
+    ``preset``: a preset name or
     ModelPreset whose remap, expectations, hints and post-load checks apply. ``force``: load even
     when the verdict fails (shape mismatches are still skipped). ``device``: where tensors of a
     meta-device model are materialised (default ``cpu``). ``provenance``: the WeightSource recorded
@@ -49,12 +55,19 @@ def load_checkpoint(checkpoint, model, *, remap=None, expect_missing: Sequence[s
     if is_module(checkpoint) and not is_module(model):
         raise UsageError("load_checkpoint takes the checkpoint first, then the model",
                          fix="call load_checkpoint(checkpoint, model), as diff_keys(checkpoint, target)")
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint, select=select, inert=inert)
+    remote = {"endpoint": endpoint, "token": token} if endpoint is not None or token is not None else {}
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint, select=select,
+                                                                               inert=inert, **remote)
+    built = None
     try:
-        side = module_side(model)
+        if not is_module(model):  # a target to build: after the checkpoint opened, so a bad path fails fast
+            built = build_model(model, options=TargetOptions(model_class, trust_remote_code, endpoint, token))
+            model, preset = built.model, preset if preset is not None else built.preset
+        side = module_side(model, label=built.label if built else None)
         side.preset = _resolve_preset(preset)
         report = compare(checkpoint_side(ckpt), side, remap=remap, expect_missing=expect_missing,
                          require=require)
+        report.model = model if built is not None else None
         if not report.ok and not force:
             raise LoadRefusedError(_refusal(report), report=report, path=str(ckpt.source),
                                    fix="fix the problems in the key report (ckpt diff), or pass force=True "
