@@ -13,6 +13,7 @@ a second once torch and transformers are imported.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Mapping
@@ -146,8 +147,20 @@ def transformers_model(data: Mapping[str, Any], *, where: str, model_class: str 
                              "which is not run by default", path=where, fix=REMOTE_CODE_FIX)
         return _remote_model(transformers, data, where, model_class, device, code_location, revision)
     config = _config(transformers, data, where)
-    with torch.device(device):
+    with torch.device(device), _library_errors("transformers", where):
         return _from_config(transformers, config, data, model_class, where)
+
+
+@contextlib.contextmanager
+def _library_errors(library: str, where: str):
+    """A library refusing to build from what the user gave becomes one line (bad input, exit 2)."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, NotImplementedError) as exc:
+        raise UsageError(f"{library} could not build the model: {type(exc).__name__}: {exc}", path=where,
+                         fix="check the target (and --model-class) against what the library supports") from exc
 
 
 def _needs_remote_code(transformers, data: Mapping[str, Any], model_class: str | None) -> bool:
@@ -200,8 +213,9 @@ def _from_config(transformers, config, data: Mapping[str, Any], model_class: str
             return getattr(transformers, auto).from_config(config, trust_remote_code=False)
         except ValueError:  # this auto class has no model for the config's type: try the next
             continue
-    raise UsageError(f"no transformers model class builds model_type {data.get('model_type')!r}", path=where,
-                     fix="pass the class with --model-class NAME")
+    raise UsageError(f"{' and '.join(autos)} of transformers {transformers.__version__} hold no model for "
+                     f"model_type {data.get('model_type')!r}", path=where,
+                     fix="pass the model class with --model-class NAME")
 
 
 def _remote_model(transformers, data: Mapping[str, Any], where: str, model_class: str | None, device: str,
@@ -221,7 +235,7 @@ def _remote_model(transformers, data: Mapping[str, Any], where: str, model_class
     if named is None:
         raise UsageError("the repository's auto_map names no model class", path=where,
                          fix="pass the auto class with --model-class NAME")
-    with torch.device(device):
+    with torch.device(device), _library_errors("the repository's code", where):
         return getattr(transformers, named).from_config(config, trust_remote_code=True)
 
 
@@ -241,7 +255,7 @@ def timm_model(name: str, *, device: str = "meta"):
         close = timm.list_models(f"*{name}*")[:5]
         raise UsageError(f"timm {timm.__version__} has no model {name!r}", path=f"timm:{name}",
                          fix=f"one of: {', '.join(close)}" if close else "see timm.list_models()")
-    with torch.device(device):
+    with torch.device(device), _library_errors("timm", f"timm:{name}"):
         return timm.create_model(name, pretrained=False)
 
 
@@ -257,7 +271,8 @@ def open_clip_model(name: str, *, device: str = "meta"):
         close = [m for m in known if name.lower() in m.lower()][:5]
         raise UsageError(f"open_clip has no model {name!r}", path=f"open_clip:{name}",
                          fix=f"one of: {', '.join(close)}" if close else "see open_clip.list_models()")
-    return open_clip.create_model(name, pretrained=None, device=device)
+    with _library_errors("open_clip", f"open_clip:{name}"):
+        return open_clip.create_model(name, pretrained=None, device=device)
 
 
 def factory_model(spec: str, *, device: str = "meta"):

@@ -111,17 +111,20 @@ def recreated(model, side: Side) -> tuple[dict[str, str], list[str]]:
     expected: dict[str, str] = {}
     ignored = [f"^{re.escape(name)}$" for name, _ in model.named_buffers() if name not in side.metas]
     for prefix, module in model.named_modules():
-        head = f"{prefix}." if prefix else ""
-        inside = [name for name in side.metas if name.startswith(head)]
         # transformers keeps some of these lists as sets: sorted, so a listing is the same in every process
-        for pattern in sorted(getattr(module, "_keys_to_ignore_on_load_missing", None) or ()):
-            for name in inside:
-                if re.search(pattern, name[len(head):]):
-                    expected.setdefault(name, f"the model ignores it when missing ('{pattern}')")
-        for pattern in sorted(getattr(module, "_keys_to_ignore_on_load_unexpected", None) or ()):
-            ignored.append(f"^{re.escape(head)}.*?(?:{pattern})")
+        missing = sorted(getattr(module, "_keys_to_ignore_on_load_missing", None) or ())
+        unexpected = sorted(getattr(module, "_keys_to_ignore_on_load_unexpected", None) or ())
         ties = getattr(module, "all_tied_weights_keys", None)
-        for tied, source in (ties.items() if isinstance(ties, Mapping) else ()):
+        ties = ties if isinstance(ties, Mapping) else {}
+        if not (missing or unexpected or ties):
+            continue
+        head = f"{prefix}." if prefix else ""
+        for pattern in missing:
+            for name in side.metas:
+                if name.startswith(head) and re.search(pattern, name[len(head):]):
+                    expected.setdefault(name, f"the model ignores it when missing ('{pattern}')")
+        ignored += [f"^{re.escape(head)}.*?(?:{pattern})" for pattern in unexpected]
+        for tied, source in ties.items():
             name, origin = head + str(tied), head + str(source)
             # a tie already made is one group: covered by either name, nothing to expect
             if name in side.metas and origin in side.metas and group_of[name] != group_of[origin]:

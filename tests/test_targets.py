@@ -105,6 +105,16 @@ def test_an_unknown_model_class_is_one_line(tmp_path, run_cli):
     assert result.stderr.count("\n") == 1 and "has no class 'NoSuchModel'" in result.stderr
 
 
+@pytest.mark.parametrize("model_class, message", [
+    ("BertForMaskedLM", "transformers could not build the model: AttributeError"),
+    ("AutoModelForImageClassification", "AutoModelForImageClassification of transformers .* hold no model"),
+])
+def test_a_class_that_does_not_fit_the_config_is_a_usage_error(tmp_path, model_class, message):
+    folder = write_config(tmp_path / "llama", LLAMA)
+    with pytest.raises(UsageError, match=message):
+        target_side(parse_target(folder, TargetOptions(model_class=model_class)))
+
+
 def test_a_tied_head_is_covered_by_the_embedding(tmp_path):
     folder = write_config(tmp_path / "tied", dict(LLAMA, tie_word_embeddings=True, dtype="float32"))
     state = model_state(dict(LLAMA, tie_word_embeddings=True, dtype="float32"))
