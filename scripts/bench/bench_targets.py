@@ -131,13 +131,18 @@ def bench_transformers(args, work: Path) -> None:
         stats = harness.measure_interleaved({"ours": first, "import": imports, "plain": plain}, args)
         verdict = json.loads(stats["ours"].runs[-1].stdout).get("verdict")
         budget = stats["import"].wall_s + 1.0
-        harness.record(args, harness.result(
+        first_run = harness.result(
             "targets", "ckpt diff 7B layout --model <transformers folder>, first run (listing built)",
             stats["ours"], stats["import"], baseline_name='python -c "import torch, transformers"', args=args,
             size_bytes=size, ok=stats["ours"].wall_s <= budget,
-            notes=(f"target: <= baseline + 1 s = {budget:.2f} s; verdict {verdict}; the listing cache is emptied "
-                   f"before every run; LLaMA-7B config (fp16), the checkpoint is a sparse file with the "
-                   f"model's whole layout ({size / 1e9:.1f} GB apparent)")))
+            notes=(f"verdict {verdict}; the listing cache is emptied before every run; LLaMA-7B config (fp16), "
+                   f"the checkpoint is a sparse file with the model's whole layout ({size / 1e9:.1f} GB "
+                   f"apparent); building any transformers model imports its config and modeling modules, "
+                   f"which pull in torchvision and torch._dynamo (`import torch, transformers` is lazy and "
+                   f"does not): the plain transformers way to the same listing takes "
+                   f"{stats['plain'].wall_s:.2f} s in the same runs"))
+        first_run["target"] = f"<= baseline + 1 s ({budget:.2f} s)"
+        harness.record(args, first_run)
         harness.record(args, harness.result(
             "targets", "reference: the same key listing the plain transformers way (AutoConfig + from_config on "
                        "meta)", stats["ours"], stats["plain"], baseline_name="AutoConfig.from_pretrained + "
