@@ -359,8 +359,7 @@ def diff_keys(checkpoint, target, *, remap=None, expect_missing: Sequence[str] =
     code runs only with ``trust_remote_code``). ``endpoint``/``token``: the hub or mirror for
     hf:// sources and targets.
     """
-    remote = {"endpoint": endpoint, "token": token} if endpoint is not None or token is not None else {}
-    ck, opened = open_side(checkpoint, select=select, inert=inert, **remote)
+    ck, opened = open_side(checkpoint, select=select, inert=inert, endpoint=endpoint, token=token)
     options = TargetOptions(model_class, trust_remote_code, endpoint, token)
     try:
         side = resolve_target(target, options)

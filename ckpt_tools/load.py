@@ -55,9 +55,8 @@ def load_checkpoint(checkpoint, model, *, remap=None, expect_missing: Sequence[s
     if is_module(checkpoint) and not is_module(model):
         raise UsageError("load_checkpoint takes the checkpoint first, then the model",
                          fix="call load_checkpoint(checkpoint, model), as diff_keys(checkpoint, target)")
-    remote = {"endpoint": endpoint, "token": token} if endpoint is not None or token is not None else {}
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint, select=select,
-                                                                               inert=inert, **remote)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(
+        checkpoint, select=select, inert=inert, endpoint=endpoint, token=token)
     built = None
     try:
         if not is_module(model):  # a target to build: after the checkpoint opened, so a bad path fails fast

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 import ckpt_tools.targets as targets
 from ckpt_tools.diff import diff_keys
 from ckpt_tools.errors import UsageError
+from ckpt_tools.html import render_html
 from ckpt_tools.load import load_checkpoint
 from ckpt_tools.meta import TensorMeta
 from ckpt_tools.server import HubServer, publish
@@ -212,6 +213,7 @@ def test_a_config_served_by_the_mirror_is_read_at_a_commit(root, tmp_path, build
     assert report.target == f"hf://org/tiny-llama@{commit}"  # the repository at the commit it was read at
     assert again.target == report.target
     assert f"`hf://org/tiny-llama@{commit}`" in report.to_markdown()
+    assert f"hf://org/tiny-llama@{commit}" in render_html("diff", report.to_dict(), command_line="ckpt diff", tool_version="0")
     assert fetched == [f"/org/tiny-llama/resolve/{commit}/config.json", "/org/tiny-llama/resolve/main/config.json"]
     assert builds == ["transformers"]
 
