@@ -30,7 +30,7 @@ from .remap import rules_from_cli
 from .remap_file import remap_checkpoint
 from .render import FORMATS, render
 from .scan import scan_pickle
-from .targets import target_from_options
+from .targets import TargetOptions, target_from_options
 from .validation import validate as run_validate
 from .version import VERSION
 
@@ -305,6 +305,22 @@ def convert(src: str, dst: str, dtype: str | None, max_shard_size: str | None, v
 
 
 # --- diff ---
+MODEL_HELP = ("The model: a preset name, a transformers folder or config.json, hf://ORG/NAME[@REVISION] "
+              "(only its config.json is read), timm:NAME, open_clip:NAME (architectures, no weights), or "
+              "package.module:callable (a factory of yours: this runs your code).")
+
+
+def _model_options(func):
+    """--model-class / --trust-remote-code: how a transformers --model is built; shared by diff and validate."""
+    func = click.option("--trust-remote-code", is_flag=True,
+                        help="Let a transformers --model whose class lives in its repository's own code build "
+                             "by running that code (only for repositories you trust; never implied).")(func)
+    return click.option("--model-class", metavar="NAME",
+                        help="The transformers class to build a config with (e.g. LlamaForCausalLM, "
+                             "AutoModelForSequenceClassification); default: the config's architectures, "
+                             "else the auto class for its task.")(func)
+
+
 def _expect_options(func):
     """--expect-missing / --require, shared by diff and validate."""
     func = click.option("--require", multiple=True, metavar="GLOB",
@@ -315,10 +331,11 @@ def _expect_options(func):
 
 @cli.command()
 @click.argument("source")
-@click.option("--model", "model", metavar="PRESET", help="Compare with a model preset built on the meta device.")
+@click.option("--model", "model", metavar="TARGET", help=MODEL_HELP)
 @click.option("--model-config", type=click.Path(dir_okay=False), metavar="FILE",
               help="Compare with the model a factory config (JSON/TOML keyword arguments) builds.")
 @click.option("--against", metavar="SOURCE2", help="Compare with another checkpoint's keys.")
+@_model_options
 @remap_options
 @_expect_options
 @click.option("--auto-remap", is_flag=True,
@@ -332,26 +349,32 @@ def _expect_options(func):
               help="With --against: a relative change ||a-b||/||b|| above X is a problem (implies --values).")
 @reader_options
 @format_option(html=True)
-def diff(source: str, model: str | None, model_config: str | None, against: str | None,
-         expect_missing: tuple[str, ...], require: tuple[str, ...], auto_remap: bool, write_rules: str | None,
-         values: bool, max_change: float | None, select: str | None, inert: bool, **kwargs) -> None:
+def diff(source: str, model: str | None, model_config: str | None, against: str | None, model_class: str | None,
+         trust_remote_code: bool, expect_missing: tuple[str, ...], require: tuple[str, ...], auto_remap: bool,
+         write_rules: str | None, values: bool, max_change: float | None, select: str | None, inert: bool,
+         **kwargs) -> None:
     """Key report of SOURCE against a model: matched, cast, shape mismatches, missing, unexpected.
 
     Missing keys are split into expected (frozen in the model, --expect-missing, the preset's
-    expectations) and unexpected (trained parameters, --require). Exit 0 when the verdict is ok,
-    1 when it is not, 2 on bad input. Reads no tensor data.
+    expectations, what the model re-creates itself) and unexpected (trained parameters,
+    --require). Exit 0 when the verdict is ok, 1 when it is not, 2 on bad input. Reads no tensor
+    data; a preset's key listing is shipped data, and any other model's is cached after the first
+    diff against it.
 
     \b
     Example:
       ckpt diff checkpoint.pt --model openflamingo-3b-vitl-mpt1b
       ckpt diff train.pt --model openflamingo-3b-vitl-mpt1b --strip-prefix module. --format json
+      ckpt diff model.safetensors --model hf://meta-llama/Llama-2-7b-hf@main
+      ckpt diff backbone.pt --model timm:resnet50 --strip-prefix backbone.
       ckpt diff new.safetensors --against old.safetensors --format markdown
       ckpt diff renamed.pt --model openflamingo-3b-vitl-mpt1b --write-rules fix.toml
       ckpt diff finetuned.safetensors --against base.safetensors --values --max-change 0.05
     """
-    report = diff_keys(source, target_from_options(model, model_config, against), remap=rules_from_options(kwargs),
-                       expect_missing=expect_missing, require=require, select=select, inert=inert,
-                       auto_remap=auto_remap, values=values, max_change=max_change)
+    options = TargetOptions(model_class=model_class, trust_remote_code=trust_remote_code)
+    report = diff_keys(source, target_from_options(model, model_config, against, options),
+                       remap=rules_from_options(kwargs), expect_missing=expect_missing, require=require,
+                       select=select, inert=inert, auto_remap=auto_remap, values=values, max_change=max_change)
     if write_rules:
         write_inferred_rules(report, write_rules)
     emit(report)
@@ -361,10 +384,11 @@ def diff(source: str, model: str | None, model_config: str | None, against: str 
 # --- validate ---
 @cli.command()
 @click.argument("source")
-@click.option("--model", "model", metavar="PRESET", help="The model preset the checkpoint is for.")
+@click.option("--model", "model", metavar="TARGET", help=MODEL_HELP)
 @click.option("--model-config", type=click.Path(dir_okay=False), metavar="FILE",
               help="A factory config (JSON/TOML keyword arguments) that builds the model; with --model, the "
                    "preset still supplies the expectations and checks.")
+@_model_options
 @remap_options
 @_expect_options
 @click.option("--revision", metavar="REV", help="For a hub source: branch, tag or commit (pinned before anything).")
@@ -387,7 +411,8 @@ def diff(source: str, model: str | None, model_config: str | None, against: str 
               help="Where to build the model; on meta only loaded tensors are materialised (on cpu).")
 @reader_options
 @format_option(html=True)
-def validate(source: str, model: str | None, model_config: str | None, expect_missing: tuple[str, ...],
+def validate(source: str, model: str | None, model_config: str | None, model_class: str | None,
+             trust_remote_code: bool, expect_missing: tuple[str, ...],
              require: tuple[str, ...], revision: str | None, endpoint: str | None, cache_dir: str | None,
              lock_file: str | None, convert_to: str | None, overwrite: bool, do_load: bool, force: bool,
              auto_remap: bool, allow_nonfinite: bool, allow_random: bool, device: str, select: str | None,
@@ -409,7 +434,8 @@ def validate(source: str, model: str | None, model_config: str | None, expect_mi
                           expect_missing=expect_missing, require=require, load=do_load, force=force,
                           device=device, revision=revision, endpoint=endpoint, cache_dir=cache_dir,
                           lock=lock_file, convert=convert_to, overwrite=overwrite,
-                          allow_random=allow_random, select=select, inert=inert, auto_remap=auto_remap,
+                          allow_random=allow_random, select=select, inert=inert, model_class=model_class,
+                          trust_remote_code=trust_remote_code, auto_remap=auto_remap,
                           allow_nonfinite=allow_nonfinite)
     emit(report)
     sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)

@@ -7,10 +7,12 @@ tensor stored under several names counts once. Each target tensor gets one statu
 - ``matched``             same name, shape and dtype
 - ``dtype_mismatch``      same shape, other dtype: loads with a cast
 - ``shape_mismatch``      would crash ``load_state_dict``: excluded from a load
-- ``missing_expected``    not in the checkpoint, and allowed to be (frozen, --expect-missing, preset)
+- ``missing_expected``    not in the checkpoint, and allowed to be (frozen, --expect-missing, preset,
+                          or the model re-creates it: a tie it makes, transformers' ignore lists)
 - ``missing_unexpected``  a trained parameter (or a --require glob) the checkpoint does not cover
 
-and each checkpoint tensor that lands nowhere is ``unexpected``. The verdict fails on shape
+and each checkpoint tensor that lands nowhere is ``unexpected``, unless the model re-creates or
+ignores it when loading (a non-persistent buffer): then it is ``ignored``. The verdict fails on shape
 mismatches, unexpected missing keys and unexpected keys; a dtype cast is reported, not failed.
 Nothing here raises on the first problem: every problem is collected, with a fix where one can be
 inferred (a prefix, a known rename, a layer interval, an embedding size, the preset's hints).
@@ -35,7 +37,7 @@ from .remap import Rule, apply_remap, coerce_rules
 from .render import human_count, markdown_table, plural, rich_table
 from .side import Side
 from .stats import ValueDiffReport, value_diff
-from .targets import open_side, resolve_target
+from .targets import TargetOptions, open_side, resolve_target
 
 COUNT_NAMES = ("matched", "dtype_mismatch", "shape_mismatch", "unexpected", "missing_expected",
                "missing_unexpected")
@@ -131,6 +133,8 @@ class KeyReport:
     with_inferred: dict | None = None  # {"verdict", "counts", "summary"} the checkpoint gets with them
     auto_remapped: bool = False  # this report is the one with the inferred rules applied
     values: ValueDiffReport | None = None  # the values of matched tensors, against another checkpoint
+    ignored: list[str] = field(default_factory=list)  # checkpoint keys the model re-creates or ignores
+    model: Any = field(default=None, repr=False, compare=False)  # the model load_checkpoint built, if it built one
 
     @property
     def counts(self) -> dict[str, int]:
@@ -164,6 +168,7 @@ class KeyReport:
             "duplicates": len(self.duplicates),
             "dropped": list(self.dropped),
             "remap": list(self.rules),
+            "ignored": list(self.ignored),
             "entries": self.entry_dicts(),
             "inferred_rules": self.inference.to_dict()["inferred_rules"] if self.inference else [],
             "auto_remap": self.auto_remapped,
@@ -181,12 +186,15 @@ class KeyReport:
         """One dict per target tensor, then one per unexpected checkpoint tensor: the per-key view
         (``key``, ``status``, the checkpoint's ``shape``/``dtype``/``nbytes``, the target's
         ``target_shape``/``target_dtype``, ``checkpoint_key`` when a remap renamed it, ``aliases``,
-        ``reason``)."""
+        ``reason``), then one per checkpoint tensor the model ignores (``ignored``)."""
         out = [_entry_dict(entry) for entry in self.entries]
         for old, (new, meta) in zip(self.unexpected, self.unexpected_metas.items(), strict=True):
             out.append({"key": new, "status": "unexpected", "shape": list(meta.shape), "dtype": meta.dtype,
                         "nbytes": meta.nbytes, "target_shape": None, "target_dtype": None,
                         "checkpoint_key": old if old != new else None, "aliases": [], "reason": ""})
+        out += [{"key": key, "status": "ignored", "shape": None, "dtype": None, "nbytes": None, "target_shape": None,
+                 "target_dtype": None, "checkpoint_key": None, "aliases": [],
+                 "reason": "the model re-creates it when loaded"} for key in self.ignored]
         return out
 
     # -- rendering --
@@ -197,6 +205,8 @@ class KeyReport:
         parts += [f"{c[k]} {k.replace('_', ' ')}" for k in COUNT_NAMES[1:] if c[k]]
         if self.duplicates:
             parts.append(f"{len(self.duplicates)} checkpoint duplicates counted once")
+        if self.ignored:
+            parts.append(f"{len(self.ignored)} ignored (the model re-creates them)")
         return ", ".join(parts)
 
     def verdict_line(self) -> str:
@@ -346,9 +356,11 @@ class _Expectations:
     expect_missing: Sequence[str] = ()
     preset_require: Sequence[str] = ()
     preset_expect: Sequence[str] = ()
+    recreated: Mapping[str, str] = field(default_factory=dict)  # the target's own: name -> why
 
     def classify(self, names: list[str], trainable: bool | None) -> tuple[bool, str]:
-        """(expected?, why). The user's flags beat the preset's, and require beats expect."""
+        """(expected?, why). The user's flags beat the preset's, require beats expect, and both beat
+        what the model says it re-creates."""
         for globs, expected, why in ((self.require, False, "--require"),
                                      (self.expect_missing, True, "--expect-missing"),
                                      (self.preset_require, False, "the preset requires it"),
@@ -356,6 +368,9 @@ class _Expectations:
             glob = _matches(names, globs)
             if glob is not None:
                 return expected, f"{why} '{glob}'" if why.startswith("--") else why
+        why = next((self.recreated[n] for n in names if n in self.recreated), None)
+        if why is not None:
+            return True, why
         if trainable is None:
             return False, "the target holds it"
         return (not trainable), ("frozen in the model" if not trainable else "a trained parameter")
@@ -363,24 +378,31 @@ class _Expectations:
 
 def diff_keys(checkpoint, target, *, remap=None, expect_missing: Sequence[str] = (),
               require: Sequence[str] = (), preset=None, select: str | None = None,
-              inert: bool = False, auto_remap: bool = False, values: bool = False,
-              max_change: float | None = None) -> KeyReport:
+              inert: bool = False, model_class: str | None = None, trust_remote_code: bool = False,
+              endpoint: str | None = None, token: str | bool | None = None, auto_remap: bool = False,
+              values: bool = False, max_change: float | None = None) -> KeyReport:
     """Compare a checkpoint's keys with a target's; never loads tensor bytes.
 
     ``checkpoint``: a Checkpoint, a path or hf:// reference, or a mapping of TensorMeta (or tensors).
-    ``target``: an nn.Module (real or meta), a preset name or ModelPreset, a model-config file
-    (.json/.toml), another checkpoint, or a mapping of TensorMeta.
+    ``target``: an nn.Module (real or meta), a ModelPreset, a mapping of TensorMeta, a Checkpoint, or
+    a string: a preset name, a transformers folder or config.json, ``hf://ORG/NAME[@REVISION]``,
+    ``timm:NAME``, ``open_clip:NAME``, ``package.module:callable`` (runs that code), a model-config
+    file (.json/.toml) or another checkpoint (see ``targets.py``).
     ``remap``: rules (Rule objects or rules-file dicts) applied to the checkpoint's keys before the
     preset's own remap. ``preset``: a preset whose remap, expectations and hints apply to a target
     given as a model (``load_checkpoint`` passes it). ``select``/``inert``: as ``open_checkpoint``.
+    ``model_class``, ``trust_remote_code``: how a transformers target is built (a repository's own
+    code runs only with ``trust_remote_code``). ``endpoint``/``token``: the hub or mirror for
+    hf:// sources and targets.
     ``auto_remap``: apply the remap rules inferred when keys do not match (always reported).
     ``values``: against another checkpoint, also compare the values of the tensors that match
     (``stats.value_diff``: streaming, one pair at a time); ``max_change``: a relative change above it
     is a problem. The key verdict is unchanged by values unless ``max_change`` is given.
     """
-    ck, opened = open_side(checkpoint, select=select, inert=inert)
+    ck, opened = open_side(checkpoint, select=select, inert=inert, endpoint=endpoint, token=token)
+    options = TargetOptions(model_class, trust_remote_code, endpoint, token)
     try:
-        side = resolve_target(target)
+        side = resolve_target(target, options)
     finally:
         if opened is not None:
             opened.close()  # the listing is all a diff needs
@@ -434,8 +456,8 @@ def _compare(ck: Side, target: Side, user_rules: list[Rule], preset_rules: list[
     result = apply_remap(ck.metas, rules)
     renamed = result.mapping  # old -> new, kept keys only
     by_new = {new: old for old, new in renamed.items()}
-    expect = _Expectations(require, expect_missing,
-                           tuple(preset.require) if preset else (), tuple(preset.expect_missing) if preset else ())
+    expect = _Expectations(require, expect_missing, tuple(preset.require) if preset else (),
+                           tuple(preset.expect_missing) if preset else (), target.expected)
 
     entries: list[Entry] = []
     used_ck: set[str] = set()
@@ -443,6 +465,10 @@ def _compare(ck: Side, target: Side, user_rules: list[Rule], preset_rules: list[
         entries.append(_classify(group, target, ck, by_new, used_ck, expect))
 
     unexpected, duplicates = _unexpected(ck, renamed, used_ck)
+    ignored = [old for old in unexpected if _ignored(renamed[old], target.ignored)]
+    if ignored:
+        skip = set(ignored)
+        unexpected = [old for old in unexpected if old not in skip]
     ck_renamed = {renamed[k]: ck.metas[k].renamed(renamed[k]) for k in renamed}
     problems = _problems(entries, unexpected, renamed, ck, expect, target)
     hints = _infer_fixes(problems, entries, unexpected, renamed, ck_renamed, target)
@@ -452,7 +478,12 @@ def _compare(ck: Side, target: Side, user_rules: list[Rule], preset_rules: list[
         unexpected_metas={renamed[k]: ck.metas[k] for k in unexpected}, duplicates=duplicates,
         dropped=list(result.dropped), rules=[str(r) for r in rules],
         unmatched_require=[g for g in require if not any(fnmatch.fnmatchcase(n, g) for n in target.metas)],
+        ignored=[renamed[old] for old in ignored],
     )
+
+
+def _ignored(name: str, patterns: Sequence[str]) -> bool:
+    return any(re.search(pattern, name) for pattern in patterns)
 
 
 def _classify(group: list[str], target: Side, ck: Side, by_new: dict[str, str], used_ck: set[str],

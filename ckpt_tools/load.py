@@ -6,7 +6,7 @@ so no second copy of the state dict is ever in memory: into the existing tensor 
 the dtype) for a real model, or into a fresh tensor set on the owning module for a tensor on the
 meta device (every name of a tied tensor gets the same new tensor, so ties survive). Afterwards
 every loaded tensor is read back through the model and compared with its source (after the same
-cast), and the preset's ``post_load_checks`` run (OpenFlamingo: gates still all zero means the
+cast), NaN and Inf are looked for, and the preset's value checks run (OpenFlamingo: gates still all zero means the
 cross-attention never landed). The report's ``load`` says what happened.
 """
 
@@ -24,7 +24,7 @@ from .formats import open_checkpoint
 from .presets import ModelPreset, get_preset
 from .provenance import WeightSource, record
 from .stats import ValueCheck, default_checks, run_checks
-from .targets import checkpoint_side, is_module, module_side
+from .targets import TargetOptions, build_model, checkpoint_side, is_module, module_side
 
 
 def _resolve_preset(preset):
@@ -36,28 +36,42 @@ def _resolve_preset(preset):
 def load_checkpoint(checkpoint, model, *, remap=None, expect_missing: Sequence[str] = (),
                     require: Sequence[str] = (), force: bool = False, preset=None, verify: bool = True,
                     device: str | None = None, provenance=None, select: str | None = None,
-                    inert: bool = False, auto_remap: bool = False, allow_nonfinite: bool = False) -> KeyReport:
+                    inert: bool = False, model_class: str | None = None, trust_remote_code: bool = False,
+                    endpoint: str | None = None, token: str | bool | None = None, auto_remap: bool = False,
+                    allow_nonfinite: bool = False) -> KeyReport:
     """Diff ``checkpoint`` against ``model``, then load every tensor that fits and verify it landed.
 
     ``checkpoint``: a path, hf:// reference or open Checkpoint (the same first argument as
-    ``diff_keys``). ``preset``: a preset name or
+    ``diff_keys``). ``model``: an nn.Module, or a target string as ``diff_keys`` takes (a preset, a
+    transformers folder, config.json or hf://ORG/NAME, timm:NAME, open_clip:NAME,
+    package.module:callable; ``model_class``, ``trust_remote_code``, ``endpoint``, ``token`` as
+    there): the model is then built on the meta device, filled from the checkpoint, and returned
+    as ``report.model`` (what the checkpoint does not hold stays on meta: ``load["still_on_meta"]``).
+    ``preset``: a preset name or
     ModelPreset whose remap, expectations, hints and value checks apply. ``force``: load even
     when the verdict fails (shape mismatches are still skipped). ``device``: where tensors of a
     meta-device model are materialised (default ``cpu``). ``provenance``: the WeightSource recorded
     for every tensor loaded (default: the checkpoint's file name). Raises LoadRefusedError
-    (carrying the report) when the verdict fails and ``force`` is not set. After the load every
+    (carrying the report) when the verdict fails and ``force`` is not set. ``auto_remap``: apply the
+    remap rules inferred when keys do not match (the report names them). After the load every
     loaded tensor is checked for NaN and Inf (a problem unless ``allow_nonfinite``) and the
     preset's value checks run on the model (``stats.run_checks``).
     """
     if is_module(checkpoint) and not is_module(model):
         raise UsageError("load_checkpoint takes the checkpoint first, then the model",
                          fix="call load_checkpoint(checkpoint, model), as diff_keys(checkpoint, target)")
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint, select=select, inert=inert)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(
+        checkpoint, select=select, inert=inert, endpoint=endpoint, token=token)
+    built = None
     try:
-        side = module_side(model)
+        if not is_module(model):  # a target to build: after the checkpoint opened, so a bad path fails fast
+            built = build_model(model, options=TargetOptions(model_class, trust_remote_code, endpoint, token))
+            model, preset = built.model, preset if preset is not None else built.preset
+        side = module_side(model, label=built.label if built else None)
         side.preset = _resolve_preset(preset)
-        report = compare(checkpoint_side(ckpt), side, remap=remap, expect_missing=expect_missing, auto_remap=auto_remap,
-                         require=require)
+        report = compare(checkpoint_side(ckpt), side, remap=remap, expect_missing=expect_missing,
+                         require=require, auto_remap=auto_remap)
+        report.model = model if built is not None else None
         if not report.ok and not force:
             raise LoadRefusedError(_refusal(report), report=report, path=str(ckpt.source),
                                    fix="fix the problems in the key report (ckpt diff), or pass force=True "

@@ -125,12 +125,27 @@ def build_from_config(path: str | Path, *, device: str | None = "meta", full: bo
     kwargs = read_config(path)
     factory = find_factory(kwargs.pop("factory", None), config_path=str(path))
     kwargs.update(overrides)
+    return call_factory(factory, device=device, full=full, where=str(path), **kwargs)
+
+
+def call_factory(factory: Callable[..., Any], *, device: str | None = "meta", full: bool = False,
+                 where: str | None = None, **kwargs) -> Any:
+    """Call a model factory: ``device`` is passed when it takes one, else the call runs under
+    ``torch.device(device)`` so a skeleton stays a skeleton. A tuple result gives its first
+    element (``full``: the whole result)."""
     if device is not None and _accepts(factory, "device"):
         kwargs.setdefault("device", device)
+        device = None
     try:
-        built = factory(**kwargs)
+        if device is None:
+            built = factory(**kwargs)
+        else:
+            import torch
+
+            with torch.device(device):
+                built = factory(**kwargs)
     except TypeError as exc:
-        raise UsageError(f"the model factory rejected the config: {foreign_message(exc)}", path=str(path),
+        raise UsageError(f"the model factory rejected the config: {foreign_message(exc)}", path=where,
                          fix="check the keyword names against the factory's arguments") from None
     if full:
         return built

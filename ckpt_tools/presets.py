@@ -6,6 +6,9 @@ The ``model`` package of this distribution registers the published OpenFlamingo 
 
 A preset is data plus a few callables:
 - ``build(device, dtype)`` returns the model (``device="meta"``: a skeleton, no weights allocated);
+- ``listing``: the skeleton's key listing as data (a JSON file's path, or a callable returning the
+  JSON data; see ``skeleton.py``), so a key diff against the preset builds nothing and imports no
+  model code (``build`` is left for loads);
 - ``remap``: rules (the TOML rules-file schema, see ``remap.py``) each published file needs;
 - ``expect_missing`` / ``require``: globs of keys a checkpoint may omit / must cover;
 - ``hints(checkpoint_metas, model_metas)``: model-specific explanations of mismatches
@@ -19,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
@@ -40,6 +44,7 @@ class ModelPreset:
     hints: Callable[[Mapping, Mapping], list[dict]] | None = None
     value_checks: Sequence[Mapping[str, Any]] = ()
     info: Mapping[str, Any] = field(default_factory=dict)
+    listing: str | Path | Callable[[], Mapping[str, Any]] | None = None
 
 
 def available_presets() -> dict[str, ModelPreset]:

@@ -1,14 +1,21 @@
-"""A cache of preset skeletons' key listings, so a key diff against a preset needs no model build.
+"""Key listings of diff targets as JSON data, shipped or cached, so a key diff needs no model build.
 
-Building a preset's meta-device skeleton imports its whole model stack (for OpenFlamingo:
-transformers, open_clip, torchvision), which costs seconds before a millisecond diff. What the diff
-needs from the skeleton is small: every state-dict name with its shape and dtype, which names are
-one tensor, and which are trained. That listing is stored as JSON under
-``$CKPT_CACHE/skeletons/`` (default ``~/.cache/ckpt-tools``), keyed by a fingerprint of
-everything that could change it: the preset's data, the source files of the package that defines
-its ``build`` and of this module and the listing code (their syntax, not their comments), and
-every installed distribution's version. Any change that can alter a listing gives a new key;
-``CKPT_SKELETON_CACHE=0`` turns the cache off.
+Building a model's meta-device skeleton imports its whole stack (for OpenFlamingo: torch,
+transformers, open_clip), which costs seconds before a millisecond diff. What the diff needs from
+the skeleton is small: every state-dict name with its shape and dtype, which names are one tensor,
+which are trained, and what the model re-creates itself. That listing is plain JSON
+(``to_json``/``from_json``), read three ways:
+
+- shipped with a preset (``ModelPreset.listing``: a path or a loader; ``read_listing``), generated
+  by ``scripts/gen_skeletons.py`` and checked by a test against the built skeleton;
+- cached for any other target under ``$CKPT_CACHE/skeletons/`` (default ``~/.cache/ckpt-tools``),
+  keyed by a fingerprint of its data (``cached_listing``/``data_fingerprint``: a config's content,
+  an architecture name, the class asked for) and of the versions of the libraries that build it;
+- cached for a preset that ships no listing, keyed by the preset's data, the source files of the
+  package that defines its ``build`` and of this module and the listing code (their syntax, not
+  their comments), and every installed distribution's version (``preset_listing``).
+
+Any change that can alter a listing gives a new key; ``CKPT_SKELETON_CACHE=0`` turns the cache off.
 """
 
 from __future__ import annotations
@@ -18,15 +25,19 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
 from .fs import atomic_write
 from .meta import TensorMeta
 from .side import Side
+from .version import VERSION
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -85,34 +96,109 @@ def _code_digest(path: Path) -> bytes:
     return hashlib.sha256(ast.dump(tree).encode()).digest()
 
 
-def _to_json(side: Side) -> dict[str, Any]:
-    return {"label": side.label, "groups": side.groups, "trainable": side.trainable,
-            "tensors": {k: [list(m.shape), m.dtype] for k, m in side.metas.items()}}
+def to_json(side: Side) -> dict[str, Any]:
+    """A Side as plain JSON data: every name with its shape and dtype (in state-dict order), the
+    groups of names that are one tensor (only those of several names), the trained names (None:
+    unknown), what the target re-creates (``expected``, ``ignored``)."""
+    return {"format": FORMAT_VERSION, "label": side.label,
+            "tensors": {k: [list(m.shape), m.dtype] for k, m in side.metas.items()},
+            "groups": [list(g) for g in side.groups if len(g) > 1],
+            "trainable": None if side.trainable is None else [k for k, on in side.trainable.items() if on],
+            "expected": dict(side.expected), "ignored": list(side.ignored)}
 
 
-def _from_json(data: dict[str, Any]) -> Side:
+def from_json(data: dict[str, Any]) -> Side:
+    """The Side ``to_json`` wrote; raises ValueError on data of another format."""
+    if data.get("format") != FORMAT_VERSION:
+        raise ValueError(f"listing format {data.get('format')!r}, expected {FORMAT_VERSION}")
     metas = {k: TensorMeta.of(k, shape, dtype) for k, (shape, dtype) in data["tensors"].items()}
-    return Side(data["label"], metas, [list(g) for g in data["groups"]], data["trainable"])
+    shared = {name: list(group) for group in data["groups"] for name in group}
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    for name in metas:  # a group comes where its first name does, as module_side made it
+        if name not in seen:
+            group = shared.get(name, [name])
+            seen.update(group)
+            groups.append(group)
+    trained = data["trainable"]
+    trainable = None if trained is None else dict.fromkeys(metas, False) | dict.fromkeys(trained, True)
+    return Side(data["label"], metas, groups, trainable, expected=dict(data.get("expected") or {}),
+                ignored=list(data.get("ignored") or []))
 
 
-def preset_listing(preset, build_side):
-    """The preset's skeleton side, from the cache when its fingerprint is there, else built with
-    ``build_side()`` and stored (atomically: a reader never sees half a file)."""
-    if not enabled():
-        return build_side()
-    path = cache_dir() / f"{preset.name}-{fingerprint(preset)}.json"
+def read_listing(source, label: str) -> Side:
+    """A listing shipped as data: a JSON file's path, or a callable returning the JSON data."""
     try:
-        side = _from_json(json.loads(path.read_text(encoding="utf-8")))
+        data = source() if callable(source) else json.loads(Path(source).read_text(encoding="utf-8"))
+        side = from_json(data)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"cannot read the skeleton listing of {label!r}: {exc}", path=str(source),
+                         fix="reinstall the package that defines it, or regenerate it "
+                             "(python scripts/gen_skeletons.py)") from None
+    side.label = label
+    return side
+
+
+def _load_cached(path: Path) -> Side | None:
+    try:
+        return from_json(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError):
-        side = None
-    if side is not None:
-        return side
-    side = build_side()
+        return None
+
+
+def _store(path: Path, side: Side, stale_glob: str) -> None:
+    """Write atomically (a reader never sees half a file) and drop the listings ``path`` replaces."""
     try:
-        atomic_write(path, json.dumps(_to_json(side)).encode("utf-8"))
-        for stale in path.parent.glob(f"{preset.name}-*.json"):
-            if stale != path:  # listings of older code or library versions are never read again
+        atomic_write(path, json.dumps(to_json(side)).encode("utf-8"))
+        for stale in path.parent.glob(stale_glob):
+            if stale != path:  # listings of older code, data or library versions are never read again
                 stale.unlink(missing_ok=True)
     except OSError:
         pass  # a read-only cache only costs the build next time
+
+
+def data_fingerprint(key: Mapping[str, Any], distributions: Sequence[str]) -> str:
+    """A fingerprint of what determines a target's listing: its data (a config, a name, the class
+    asked for) and the versions of the libraries that build it. Reads no source file and imports
+    nothing, so a cached listing is found in milliseconds."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for dist in distributions:
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            versions[dist] = None
+    blob = {"key": key, "versions": versions, "format": FORMAT_VERSION, "python": sys.version,
+            "ckpt_tools": VERSION}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def cached_listing(name: str, key: Mapping[str, Any], distributions: Sequence[str],
+                   build_side: Callable[[], Side]) -> Side:
+    """A target's listing from the cache when ``key`` (with the libraries' versions) is there, else
+    built with ``build_side()`` and stored. The file is named by ``name`` (readable only) and the
+    fingerprint, so one config reached by two paths shares one listing. Files are small (a 7B
+    model's is about 30 kB) and never removed here; the folder may be deleted at any time."""
+    if not enabled():
+        return build_side()
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")[:60] or "target"
+    path = cache_dir() / f"{readable}-{data_fingerprint(key, distributions)}.json"
+    side = _load_cached(path)
+    if side is None:
+        side = build_side()
+        _store(path, side, path.name)
+    return side
+
+
+def preset_listing(preset, build_side: Callable[[], Side]) -> Side:
+    """The skeleton side of a preset that ships no listing, from the cache when its fingerprint
+    is there, else built with ``build_side()`` and stored."""
+    if not enabled():
+        return build_side()
+    path = cache_dir() / f"{preset.name}-{fingerprint(preset)}.json"
+    side = _load_cached(path)
+    if side is None:
+        side = build_side()
+        _store(path, side, f"{preset.name}-*.json")
     return side

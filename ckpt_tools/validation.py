@@ -2,10 +2,12 @@
 
 For a hub source (``hf://ORG/NAME[@REV]/PATH``, or ``ORG/NAME`` with a revision and the preset's
 file name) the revision is resolved to one commit first and everything after uses that commit:
-the checkpoint is inspected and diffed remotely (a wrong model shows before a byte of the weights
-is downloaded), then downloaded resumably and sha256-verified. Then, locally: inspect, diff, and
-optionally convert to safetensors (verified) and load into the model (verified), with a
-provenance summary when the model is built for real. A local source skips the hub steps.
+the checkpoint is inspected and diffed remotely against the target's key listing (a wrong model
+shows before a byte of the weights is downloaded; for a preset the listing is shipped data, so
+nothing is built and torch is not imported), then downloaded resumably and sha256-verified.
+Then, locally: inspect, diff, and optionally convert to safetensors (verified) and load into the
+model (verified; the model is built only here), with a provenance summary when the model is built
+for real. A local source skips the hub steps.
 """
 
 from __future__ import annotations
@@ -23,12 +25,20 @@ from .hub import download as fetch
 from .inspect import InspectReport
 from .inspect import listing as inspect_listing
 from .load import load_checkpoint
-from .modelconfig import build_from_config
 from .presets import get_preset
 from .provenance import ProvenanceReport, WeightSource, provenance_report
 from .remap import coerce_rules
+from .side import Side
 from .sources import HfReference, hub_reference
-from .targets import checkpoint_side, module_side
+from .targets import (
+    TargetOptions,
+    TargetSpec,
+    build_model,
+    checkpoint_side,
+    module_side,
+    parse_target,
+    target_side,
+)
 
 
 @dataclass
@@ -155,19 +165,56 @@ class Target:
 
 
 def build_target(model: str | None = None, model_config: str | Path | None = None, *,
-                 device: str = "meta") -> Target:
-    """The model to check against: a preset's skeleton, or a config's factory build (the preset, when
-    both are given, still supplies the expectations, hints and post-load checks)."""
-    if model is None and model_config is None:
-        raise UsageError("give a model preset (--model) or a model config (--model-config)",
-                         fix="e.g. --model openflamingo-3b-vitl-mpt1b")
-    preset = get_preset(model) if model is not None else None
+                 device: str = "meta", options: TargetOptions | None = None) -> Target:
+    """The model to check against, built: any target ``--model`` takes (a preset's skeleton, a
+    transformers config's, a timm or open_clip architecture, a factory's), or a config's factory
+    build (``--model`` then names the preset that still supplies the expectations, hints and
+    post-load checks)."""
+    _check_given(model, model_config)
     if model_config is None:
-        return Target(preset.build(device=device), preset, preset.name)
-    built = build_from_config(model_config, device=device, full=True)
-    module = built[0] if isinstance(built, tuple) else built
-    return Target(module, preset, preset.name if preset else str(model_config),
-                  built if isinstance(built, tuple) else (built,))
+        built = build_model(model, device=device, options=options)
+        return Target(built.model, built.preset, built.label, built.full)
+    preset = _config_preset(model, options)
+    built = build_model(TargetSpec("model-config", str(model_config), path=Path(model_config)), device=device)
+    return Target(built.model, preset, preset.name if preset else built.label, built.full)
+
+
+def _check_given(model, model_config) -> None:
+    if model is None and model_config is None:
+        raise UsageError("give a model (--model) or a model config (--model-config)",
+                         fix="e.g. --model openflamingo-3b-vitl-mpt1b")
+
+
+def _config_preset(model: str | None, options: TargetOptions | None):
+    """Beside --model-config, --model names the preset whose expectations apply."""
+    if model is None:
+        return None
+    spec = parse_target(model, options)
+    if spec.kind != "preset":
+        raise UsageError("with --model-config, --model names the preset whose expectations apply",
+                         path=model, fix="give the model either as --model TARGET or as --model-config FILE")
+    return get_preset(spec.name)
+
+
+def target_listing(model: str | None = None, model_config: str | Path | None = None, *,
+                   options: TargetOptions | None = None) -> Side:
+    """The target's key listing: for a preset the data it ships (nothing is built or imported), for
+    another target its cached listing; a model config is built (on meta) by its factory."""
+    _check_given(model, model_config)
+    if model_config is None:
+        return target_side(parse_target(model, options))
+    target = build_target(model, model_config, options=options)
+    side = module_side(target.model, label=target.label)
+    side.preset = target.preset
+    return side
+
+
+def _preset_filename(model: str | None, options: TargetOptions) -> str | None:
+    """The checkpoint file a preset names, for a SOURCE given as ORG/NAME."""
+    if model is None:
+        return None
+    spec = parse_target(model, options)
+    return get_preset(spec.name).filename if spec.kind == "preset" else None
 
 
 def validate(source: str | Path, *, model: str | None = None, model_config: str | Path | None = None,
@@ -177,29 +224,36 @@ def validate(source: str | Path, *, model: str | None = None, model_config: str 
              cache_dir: str | Path | None = None, lock: str | Path | None = None,
              convert: str | Path | None = None, overwrite: bool = False,
              allow_random: bool = False, select: str | None = None, inert: bool = False,
-             auto_remap: bool = False, allow_nonfinite: bool = False) -> ValidationReport:
+             model_class: str | None = None, trust_remote_code: bool = False, auto_remap: bool = False,
+             allow_nonfinite: bool = False) -> ValidationReport:
     """Validate a checkpoint against the model it is meant for; see the module docstring.
 
-    ``device``: where the target model is built (``meta``: a skeleton; tensors loaded into it are
-    materialised on ``load_device``, default cpu). ``convert``: also write a verified
-    ``.safetensors`` there (and load from it); an existing file there is replaced only with
-    ``overwrite`` (as ``ckpt convert --force``). ``force``: go on past a failing key check.
-    ``allow_random``: a model built for real may keep randomly initialised parameters after the
-    load (by default any such parameter fails the verdict). ``select``/``inert``: as
+    ``model``: any target ``diff_keys`` takes as a string (a preset, a transformers folder,
+    config.json or hf://ORG/NAME, timm:NAME, open_clip:NAME, package.module:callable);
+    ``model_class``/``trust_remote_code``: how a transformers target is built. The key checks use
+    the target's listing (a preset's shipped data: no model is built); the model is built only to
+    load into. ``device``: where the target model is built for a load (``meta``: a skeleton;
+    tensors loaded into it are materialised on ``load_device``, default cpu). ``convert``: also
+    write a verified ``.safetensors`` there (and load from it); an existing file there is replaced
+    only with ``overwrite`` (as ``ckpt convert --force``). ``force``: go on past a failing key
+    check. ``allow_random``: a model built for real may keep randomly initialised parameters after
+    the load (by default any such parameter fails the verdict). ``select``/``inert``: as
     ``open_checkpoint``, for every read of the checkpoint. ``auto_remap``: apply the remap rules
     inferred when keys do not match, in the diff, the conversion and the load (always reported).
     ``allow_nonfinite``: a loaded NaN or Inf is not a problem (by default it fails the verdict).
     """
-    if model is None and model_config is None:
-        build_target(model, model_config)  # raises the usage error before anything is opened
+    _check_given(model, model_config)  # usage errors come before anything is opened
+    building = TargetOptions(model_class, trust_remote_code, endpoint, token)
+    if model_config is not None:
+        _config_preset(model, building)
     options = {"remap": remap, "expect_missing": expect_missing, "require": require, "auto_remap": auto_remap}
     reading = {"select": select, "inert": inert}
-    ref = hub_reference(str(source), revision=revision, filename=get_preset(model).filename if model else None)
-    remote = download = skeleton = None
+    ref = hub_reference(str(source), revision=revision, filename=_preset_filename(model, building))
+    remote = download = side = None
     local = source
     if ref is not None:
-        skeleton = build_target(model, model_config, device="meta")
-        remote = _remote_check(ref, str(source), skeleton, endpoint, token, options, reading)
+        side = target_listing(model, model_config, options=building)
+        remote = _remote_check(ref, str(source), side, endpoint, token, options, reading)
         if not remote.keys.ok and not force:
             return ValidationReport(str(source), remote.keys.target, _remote_listing(remote),
                                     remote.keys, remote=remote,
@@ -207,14 +261,15 @@ def validate(source: str | Path, *, model: str | None = None, model_config: str 
         download = fetch(ref.repo_id, [ref.path], revision=remote.commit, cache_dir=cache_dir,
                          endpoint=endpoint, token=token, lock=lock)
         local = download.files[0].local_path
-    # a meta skeleton is only read by a diff and only materialised tensor by tensor by a load, so the
-    # one built for the remote check serves the local steps too
-    def target() -> Target:
-        if skeleton is not None and device == "meta":
-            return skeleton
-        return build_target(model, model_config, device=device)
 
-    report = _validate_local(local, str(source), target, options, load=load, force=force,
+    # the listing read for the remote check serves the local diff too
+    def listing() -> Side:
+        return side if side is not None else target_listing(model, model_config, options=building)
+
+    def make_model() -> Target:
+        return build_target(model, model_config, device=device, options=building)
+
+    report = _validate_local(local, str(source), listing, make_model, options, load=load, force=force,
                              device=device, load_device=load_device, convert=convert, overwrite=overwrite,
                              reading=reading, allow_nonfinite=allow_nonfinite,
                              origin=_origin(ref, remote, download, local), allow_random=allow_random)
@@ -228,20 +283,14 @@ def _remote_listing(remote: RemoteCheck) -> InspectReport:
                          bytes_read=remote.bytes_fetched)
 
 
-def _remote_check(ref, given: str, skeleton: Target, endpoint, token, options, reading) -> RemoteCheck:
-    """Pin the revision and diff the remote listing against the skeleton (meta device)."""
+def _remote_check(ref, given: str, side: Side, endpoint, token, options, reading) -> RemoteCheck:
+    """Pin the revision and diff the remote listing against the target's."""
     with open_checkpoint(ref, endpoint=endpoint, token=token, **reading) as ckpt:
         commit = ckpt.commit
-        keys = _diff(ckpt, skeleton, options)
+        keys = compare(checkpoint_side(ckpt), side, **options)
         fetched = ckpt.bytes_read
     pinned = str(HfReference(ref.repo_id, commit, ref.path))
     return RemoteCheck(given, pinned, commit, fetched, keys)
-
-
-def _diff(ckpt, target: Target, options: dict) -> KeyReport:
-    side = module_side(target.model, label=target.label)
-    side.preset = target.preset
-    return compare(checkpoint_side(ckpt), side, **options)
 
 
 def _origin(ref, remote: RemoteCheck | None, download, local) -> Any:
@@ -252,28 +301,30 @@ def _origin(ref, remote: RemoteCheck | None, download, local) -> Any:
                         sha256=download.files[0].sha256)
 
 
-def _validate_local(local, given: str, make_target: Callable[[], Target], options: dict, *, load: bool, force: bool,
-                    device: str, load_device: str | None, convert, overwrite: bool, reading: dict,
-                    allow_nonfinite: bool, origin,
+def _validate_local(local, given: str, make_listing: Callable[[], Side], make_model: Callable[[], Target],
+                    options: dict, *, load: bool, force: bool, device: str, load_device: str | None, convert,
+                    overwrite: bool, reading: dict, allow_nonfinite: bool, origin,
                     allow_random: bool = False) -> ValidationReport:
-    with open_checkpoint(local, **reading) as ckpt:  # a bad file is reported before the model is built
-        target = make_target()
+    with open_checkpoint(local, **reading) as ckpt:  # a bad file is reported before the target is read
+        side = make_listing()
         listing = inspect_listing(ckpt, given)
-        if not load and convert is None:
-            return ValidationReport(given, target.label, listing, _diff(ckpt, target, options), built=target.built)
-        keys = _diff(ckpt, target, options)
-    report = ValidationReport(given, target.label, listing, keys, built=target.built)
+        keys = compare(checkpoint_side(ckpt), side, **options)
+    report = ValidationReport(given, side.label, listing, keys)
+    if not load and convert is None:
+        return report
     load_from = local
     if convert is not None and not keys.ok and not force:
         report.stopped = "the key check failed: not converted (pass --force to convert anyway)"
     elif convert is not None:
         rules = coerce_rules(options["remap"]) + (list(keys.inference.rules) if keys.auto_remapped else [])
         report.conversion = convert_to_safetensors(local, convert, rules=rules, force=overwrite, **reading)
-        # the converted file has the remapped names already: only the preset's own rules still apply
-        options = {**options, "remap": None, "auto_remap": False}
         reading = {}  # the converted file is one state dict
+        # it has the remapped names already: only the target's own (preset) rules still apply
+        options = {**options, "remap": None, "auto_remap": False}
         load_from = convert
     if load:
+        target = make_model()
+        report.built = target.built
         try:
             report.keys = load_checkpoint(load_from, target.model, **options, **reading, force=force, preset=target.preset,
                                           device=load_device, provenance=origin, allow_nonfinite=allow_nonfinite)

@@ -3,7 +3,9 @@
 Each entry says where the file is, which vision encoder, LM and tokenizer it was trained with, the
 cross-attention interval, and enough of the LM config to build the model's skeleton offline on the
 meta device (for key diffs) without fetching the LM. ``presets()`` is the ``ckpt_tools.models``
-entry point. Nothing heavy is imported until a model is built.
+entry point. Nothing heavy is imported until a model is built: each preset's skeleton key listing
+ships as data (``data/skeletons/NAME.json``, written by ``scripts/gen_skeletons.py`` and checked
+against the built skeleton by ``tests/test_skeleton_data.py``), so a key diff builds nothing.
 
 Notes on fidelity:
 - MPT-1B (``anas-awadalla/mpt-1b-redpajama-200b``) is remote code (MosaicGPT) that cannot be loaded
@@ -30,6 +32,7 @@ from .config import LM_FAMILIES, LMFamily
 
 VIT_L_14 = "ViT-L-14"
 FACTORY = "model.factory:create_model_and_transforms"
+SKELETONS = Path(__file__).resolve().parent / "data" / "skeletons"
 
 _MPT_1B = {"model_type": "mpt", "d_model": 2048, "n_heads": 16, "n_layers": 24, "expansion_ratio": 4,
            "max_seq_len": 2048, "vocab_size": 50432, "no_bias": True, "tie_word_embeddings": True}
@@ -103,7 +106,8 @@ class FlamingoSpec:
             name=self.name, build=self.build, description=self.description, repo_id=self.repo_id,
             filename=self.filename, remap=[dict(rule) for rule in (*self.remap, *FULL_STATE_DICT)],
             expect_missing=expect_missing_globs(self.family), require=require_globs(self.family),
-            hints=checks.hints, value_checks=checks.VALUE_CHECKS, info=self.info())
+            hints=checks.hints, value_checks=checks.VALUE_CHECKS, info=self.info(),
+            listing=listing_path(self.name))
 
     def info(self) -> dict[str, Any]:
         return {
@@ -120,6 +124,11 @@ class FlamingoSpec:
             # provenance reports show the trained inserts apart from the LM blocks they sit in
             "provenance_split": ("gated_cross_attn_layer",),
         }
+
+
+def listing_path(name: str) -> Path:
+    """Where the preset's skeleton key listing ships."""
+    return SKELETONS / f"{name}.json"
 
 
 def expect_missing_globs(family: LMFamily) -> tuple[str, ...]:
