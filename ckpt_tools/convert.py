@@ -19,7 +19,7 @@ import contextlib
 import json
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from .convert_plan import (
 from .errors import IntegrityError, InvalidCheckpointError, OutputExistsError, UsageError
 from .formats import open_checkpoint
 from .formats.safetensors import parse_header
-from .fs import AtomicFile, AtomicFolder, check_output_name, check_outputs, disk_full_as_error
+from .fs import AtomicFile, AtomicFolder, check_output_name, check_outputs, disk_full_as_error, ranges_equal
 from .remap import Rule, coerce_rules, rules_to_json
 from .render import human_bytes, markdown_table, plural, rich_table
 from .safetensors_writer import FileRange, chunk_bytes_view, tensor_chunks, write_safetensors
@@ -242,10 +242,12 @@ class _ShardWriter:
                 handle = AtomicFile(out)
                 handle.open()
                 pending.append(handle)
-                entries = [(item.meta, self._loader(item)) for item in shard]
+                copied = {item.meta.name: self._unchanged(item) for item in shard}
+                copied = {name: found for name, found in copied.items() if found is not None}
+                entries = [(item.meta, self._loader(item, copied.get(item.meta.name))) for item in shard]
                 total += write_safetensors(handle, entries, self._shard_metadata(metadata, shard, aliases))
                 if self.verify:
-                    verified += verify_file(handle.path, shard, self.checkpoint, str(self._shown(out)))
+                    verified += verify_file(handle.path, shard, self.checkpoint, str(self._shown(out)), copied)
             total += self._write_index(shards, outputs, metadata, pending)
             for handle in pending:
                 handle.commit()
@@ -258,16 +260,20 @@ class _ShardWriter:
         """The name a staged file will have, for messages."""
         return self.destination.path / out.name if self.destination.sharded else out
 
-    def _loader(self, item: Planned):
-        """The tensor, or where its unchanged bytes lie in the source file when the reader knows
-        (then no tensor is ever built)."""
-        key = item.source_key
+    def _unchanged(self, item: Planned) -> FileRange | None:
+        """Where a tensor's bytes lie in the source file when they are written unchanged and the
+        reader knows (then no tensor is ever built, to write or to verify)."""
         span = getattr(self.checkpoint, "byte_span", None)
-        if span is not None and item.meta.dtype == self.checkpoint.meta(key).dtype:
-            found = span(key)
-            if found is not None:
-                return lambda: FileRange(*found)
-        return lambda: self.checkpoint.tensor(key)
+        if span is None or item.meta.dtype != self.checkpoint.meta(item.source_key).dtype:
+            return None
+        found = span(item.source_key)
+        return FileRange(*found) if found is not None else None
+
+    def _loader(self, item: Planned, copied: FileRange | None):
+        """The tensor, or the file range its unchanged bytes are copied from."""
+        if copied is not None:
+            return lambda: copied
+        return lambda: self.checkpoint.tensor(item.source_key)
 
     @staticmethod
     def _shard_metadata(metadata: dict[str, str], shard: list[Planned], aliases: dict[str, str]) -> dict[str, str]:
@@ -303,43 +309,60 @@ def restore_aliases(state: dict, metadata: dict[str, str] | None) -> dict:
     return state
 
 
-def verify_file(path: str, shard: Sequence[Planned], checkpoint, shown: str) -> int:
-    """Reopen a written file and compare every tensor, bit for bit, with its (cast) source."""
-
-    import numpy as np
-
-
+def verify_file(path: str, shard: Sequence[Planned], checkpoint, shown: str,
+                copied: Mapping[str, FileRange] | None = None) -> int:
+    """Reopen a written file and compare every tensor, bit for bit, with its source: a tensor copied
+    unchanged (``copied``: output name -> the source's file range) byte range against byte range,
+    with no torch; any other against its (cast) source tensor."""
+    copied = copied or {}
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         metas, _, offsets, start = parse_header(handle.read(8), handle.read, size, shown)
-        expected = {item.meta.name: item.meta for item in shard}
-        if {n: (m.shape, m.dtype) for n, m in metas.items()} != {n: (m.shape, m.dtype) for n, m in expected.items()}:
-            raise IntegrityError("the written header does not list the planned tensors", path=shown,
-                                 fix="report this as a bug; nothing was written")
-        if size == start:
-            return len(shard)
-        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        try:
-            data = np.frombuffer(mapped, dtype=np.uint8)
-            try:
-                for item in shard:
-                    begin = start + offsets[item.meta.name][0]
-                    tensor = checkpoint.tensor(item.source_key)
-                    for chunk in tensor_chunks(tensor, item.meta.dtype, VERIFY_CHUNK):
-                        want = chunk_bytes_view(chunk)
-                        if not np.array_equal(data[begin:begin + want.size], want):
-                            raise IntegrityError("written bytes differ from the source", path=shown,
-                                                 key=item.meta.name, fix="check the disk; nothing was kept")
-                        begin += want.size
-                    del tensor
-            finally:
-                del data
-        finally:
-            # an interrupt can leave views of the map alive in its traceback: the map then closes
-            # when they go, and the interrupt (not a BufferError) is what propagates
-            with contextlib.suppress(BufferError):
-                mapped.close()
+    expected = {item.meta.name: item.meta for item in shard}
+    if {n: (m.shape, m.dtype) for n, m in metas.items()} != {n: (m.shape, m.dtype) for n, m in expected.items()}:
+        raise IntegrityError("the written header does not list the planned tensors", path=shown,
+                             fix="report this as a bug; nothing was written")
+    for item in shard:
+        source = copied.get(item.meta.name)
+        if source is not None and not ranges_equal((source.path, source.offset),
+                                                   (path, start + offsets[item.meta.name][0]), source.nbytes):
+            raise _differs(shown, item.meta.name)
+    built = [item for item in shard if item.meta.name not in copied and item.meta.nbytes]
+    if built:
+        _verify_tensors(path, built, checkpoint, shown, {n: start + offsets[n][0] for n in offsets})
     return len(shard)
+
+
+def _differs(shown: str, key: str) -> IntegrityError:
+    return IntegrityError("written bytes differ from the source", path=shown, key=key,
+                          fix="check the disk; nothing was kept")
+
+
+def _verify_tensors(path: str, items: Sequence[Planned], checkpoint, shown: str, begins: dict[str, int]) -> None:
+    """Compare written bytes with source tensors, built one at a time (cast as planned)."""
+    import numpy as np
+
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        data = np.frombuffer(mapped, dtype=np.uint8)
+        try:
+            for item in items:
+                begin = begins[item.meta.name]
+                tensor = checkpoint.tensor(item.source_key)
+                for chunk in tensor_chunks(tensor, item.meta.dtype, VERIFY_CHUNK):
+                    want = chunk_bytes_view(chunk)
+                    if not np.array_equal(data[begin:begin + want.size], want):
+                        raise _differs(shown, item.meta.name)
+                    begin += want.size
+                del tensor
+        finally:
+            del data
+    finally:
+        # an interrupt can leave views of the map alive in its traceback: the map then closes
+        # when they go, and the interrupt (not a BufferError) is what propagates
+        with contextlib.suppress(BufferError):
+            mapped.close()
 
 
 def _write_extras(checkpoint, path: Path) -> list[str]:

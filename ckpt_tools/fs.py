@@ -24,6 +24,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from .errors import CkptError, DiskFullError, OutputExistsError, UsageError
 WRITEBACK_BYTES = 64 * 1024 * 1024
 SYNC_FILE_RANGE_WRITE = 2
 HASH_CHUNK = 8 * 1024 * 1024
+COMPARE_CHUNK = 16 * 1024 * 1024
 # A write refused for lack of room (a full disk, a quota, a file size limit): retrying cannot help.
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 STAGING_MARK = ".ckpt-tmp-"  # .NAME.ckpt-tmp-XXXXXXXX: a folder being written, or left by a killed run
@@ -57,6 +59,51 @@ def sha256_file(path: str | Path) -> str:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def crc32_range(path: str | Path, offset: int, nbytes: int) -> int:
+    """The CRC-32 of ``nbytes`` bytes of a file from ``offset`` (as far as the file goes)."""
+    crc, done = 0, 0
+    with open(path, "rb", buffering=0) as handle:
+        while done < nbytes:
+            chunk = os.pread(handle.fileno(), min(COMPARE_CHUNK, nbytes - done), offset + done)
+            if not chunk:
+                break
+            crc, done = zlib.crc32(chunk, crc), done + len(chunk)
+    return crc
+
+
+def ranges_equal(first: tuple[str | Path, int], second: tuple[str | Path, int], nbytes: int, *,
+                 crc32: int | None = None) -> bool:
+    """Whether ``nbytes`` bytes of one file at an offset (``(path, offset)``) are the same bytes as
+    another's, read in bounded chunks and compared whole (no tensor is built); with ``crc32``, also
+    whether their CRC-32 is that (a zip record's). A range cut short by the end of a file differs."""
+    size = max(1, min(nbytes, COMPARE_CHUNK))
+    ours, theirs = bytearray(size), bytearray(size)
+    crc, done = 0, 0
+    with open(first[0], "rb", buffering=0) as a, open(second[0], "rb", buffering=0) as b:
+        while done < nbytes:
+            n = min(size, nbytes - done)
+            if not (_read_exactly(a.fileno(), ours, n, first[1] + done)
+                    and _read_exactly(b.fileno(), theirs, n, second[1] + done)):
+                return False
+            same = ours == theirs if n == size else ours[:n] == theirs[:n]  # memcmp, whole buffers
+            if not same:
+                return False
+            if crc32 is not None:
+                crc = zlib.crc32(memoryview(ours)[:n], crc)
+            done += n
+    return crc32 is None or crc == crc32
+
+
+def _read_exactly(fd: int, buffer: bytearray, n: int, offset: int) -> bool:
+    view, got = memoryview(buffer), 0
+    while got < n:
+        step = os.preadv(fd, [view[got:n]], offset + got)
+        if step == 0:
+            return False
+        got += step
+    return True
 
 
 @contextlib.contextmanager

@@ -860,6 +860,11 @@ class MappedStorages:
         first = ref.storage.base * int(DTYPES[ref.storage.dtype][0]) + ref.offset * int(DTYPES[ref.dtype][0])
         return self.path, start + first, ref.nbytes
 
+    def storage_span(self, storage: StorageRef) -> tuple[Path, int, int]:
+        """(file, offset, nbytes) of a storage's own bytes."""
+        start, _ = self.spans[storage.key]
+        return self.path, start + storage.base * int(DTYPES[storage.dtype][0]), storage.nbytes
+
     def close(self) -> None:
         # The map is released, never closed: torch.frombuffer keeps the mmap object alive but holds
         # no buffer export, so closing it would unmap the memory under tensors already handed out

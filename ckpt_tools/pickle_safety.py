@@ -6,8 +6,11 @@ REDUCE/NEWOBJ/BUILD even when the global came from the memo. Nothing is imported
 and nothing is called. Every GLOBAL-like opcode is recorded whatever the simulation thinks, so a
 pickle that confuses the simulation still cannot hide an import.
 
-The allow-list is the one ``torch.load(weights_only=True)`` uses, read from torch when a scan
-runs, plus whatever the caller registered with ``torch.serialization.add_safe_globals``.
+The allow-list is the one ``torch.load(weights_only=True)`` uses: read live from torch when this
+process has imported it (so whatever the caller registered with
+``torch.serialization.add_safe_globals`` counts), otherwise taken from the snapshot shipped for the
+installed torch version (``data/weights_only_allowlist.json``, written by
+``scripts/allowlist_snapshot.py``), so a scan imports no torch.
 
 This module sits below the readers: they call ``check_zip_records`` before reading a zip, so a
 record that inflates absurdly is refused first. ``scan.py`` resolves SOURCEs and reports on top.
@@ -18,14 +21,18 @@ from __future__ import annotations
 import _compat_pickle
 import ast
 import copyreg
+import functools
 import io
+import json
 import os
 import pickletools
 import struct
+import sys
 import zipfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
+from importlib import metadata, resources
 from typing import BinaryIO
 
 from .errors import CkptError, InvalidCheckpointError, foreign_message
@@ -46,6 +53,7 @@ BAD_FILE = "the file is damaged or not a checkpoint: download or save it again"
 # read differently by Python's zipfile, so a scanner and a loader would not see the same bytes
 SUSPICIOUS_FLAG_BITS = {0: "encrypted", 5: "compressed patched data", 6: "strongly encrypted"}
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+ALLOWLIST_SNAPSHOT = "data/weights_only_allowlist.json"  # {"versions": {torch version: {allowed, blocked}}}
 
 # Opcodes the weights-only unpickler implements; any other makes torch refuse the file even
 # when every global is allowed (reported as a note, the verdict is about code, not opcodes).
@@ -155,14 +163,54 @@ class ScanReport:
 # the allow-list
 
 def allow_list() -> tuple[frozenset[str], tuple[str, ...]]:
-    """(allowed ``module.name`` strings, modules never allowed), read from torch now."""
-    try:
-        import torch._weights_only_unpickler as wo
+    """(allowed ``module.name`` strings, modules never allowed), as ``torch.load(weights_only=True)``
+    would have them in this process.
 
-        allowed = set(wo._get_allowed_globals()) | set(wo._get_user_allowed_globals())
-        return frozenset(allowed), tuple(wo._blocklisted_modules)
+    When torch is already imported, it is read live: ``add_safe_globals`` registrations exist only
+    in a process that imported torch. Otherwise the snapshot shipped for the installed torch version
+    is used, so a scan needs no torch; a version the snapshot lacks is read from torch itself."""
+    if "torch" not in sys.modules:
+        snapshot = snapshot_allow_list(installed_torch_version())
+        if snapshot is not None:
+            return snapshot
+    try:
+        return live_allow_list()
     except (ImportError, AttributeError):
         return _FALLBACK_ALLOWED, _FALLBACK_BLOCKED
+
+
+def live_allow_list() -> tuple[frozenset[str], tuple[str, ...]]:
+    """The allow-list read from torch now (imports torch; ImportError or AttributeError when this
+    torch has none where it is looked for)."""
+    import torch._weights_only_unpickler as wo
+
+    allowed = set(wo._get_allowed_globals()) | set(wo._get_user_allowed_globals())
+    return frozenset(allowed), tuple(wo._blocklisted_modules)
+
+
+def installed_torch_version() -> str | None:
+    """The installed torch distribution's version, read from its metadata (torch is not imported)."""
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _snapshots() -> dict:
+    try:
+        text = resources.files(__package__).joinpath(ALLOWLIST_SNAPSHOT).read_text(encoding="utf-8")
+        return json.loads(text)["versions"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # a damaged or missing snapshot only costs the torch import
+
+
+def snapshot_allow_list(version: str | None) -> tuple[frozenset[str], tuple[str, ...]] | None:
+    """The allow-list shipped for torch ``version`` (what a fresh ``import torch`` registers), or None."""
+    entry = _snapshots().get(version) if version else None
+    if not isinstance(entry, dict):
+        return None
+    return frozenset(entry["allowed"]), tuple(entry["blocked"])
 
 
 def _is_allowed(module: str, name: str, allowed: frozenset[str], blocked: tuple[str, ...]) -> bool:

@@ -1,23 +1,29 @@
 """``remap_checkpoint``: rewrite a checkpoint's keys, keeping its format.
 
-safetensors (one file or sharded) stays safetensors, through the conversion path; a torch pickle is
-written back with ``torch.save`` with its wrapper and extras in place and shared tensors still
-shared, then reopened and compared with its source bit for bit before it is kept.
+safetensors (one file or sharded) stays safetensors, through the conversion path. A torch pickle is
+written back with its wrapper and extras in place and shared tensors still shared, then reopened
+and compared with its source bit for bit before it is kept: a torch zip holding only containers,
+plain values and tensors without torch (``torch_zip``: the pickle torch.save would write, storages
+copied file to file, compared byte range against byte range), anything else with ``torch.save``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .convert import convert_to_safetensors
 from .errors import IntegrityError, UsageError
 from .formats import open_checkpoint
-from .fs import AtomicFile, check_output_name, check_outputs, disk_full_as_error
+from .fs import AtomicFile, check_output_name, check_outputs, disk_full_as_error, ranges_equal
+from .inert import TensorRef
 from .remap import apply_remap, coerce_rules
 from .render import markdown_table, plural, rich_table
+from .safetensors_writer import FileRange
+from .torch_zip import TorchZipPlan, plan_torch_zip, write_torch_zip
 
 
 @dataclass
@@ -76,7 +82,8 @@ class RemapCheckpointResult:
 def remap_checkpoint(src: str | Path, dst: str | Path, *, rules=None, force: bool = False,
                      select: str | None = None, inert: bool = False) -> RemapCheckpointResult:
     """Rewrite keys, keeping the format: safetensors (single or sharded) stays safetensors, a torch
-    pickle is written with ``torch.save`` (wrapper and extras kept, shared tensors still shared).
+    pickle stays a torch pickle (wrapper and extras kept, shared tensors still shared; a plain torch
+    zip is written without torch, anything else with ``torch.save``).
     ``rules``: remap rules in any form ``remap.coerce_rules`` takes; ``select``/``inert``: as
     ``open_checkpoint``."""
     rules = coerce_rules(rules)
@@ -108,8 +115,6 @@ def _remap_safetensors(src, dst, rules, force, kind, files, options) -> RemapChe
 
 
 def _remap_pickle(src, dst, rules, force, kind, files, options) -> RemapCheckpointResult:
-    import torch
-
     dst = Path(dst)
     check_output_name(dst, "torch pickle", otherwise="; to get safetensors, use `ckpt convert` (it remaps too)")
     check_outputs([dst], files, force)
@@ -117,21 +122,83 @@ def _remap_pickle(src, dst, rules, force, kind, files, options) -> RemapCheckpoi
         remap = apply_remap(checkpoint.keys(), rules)
         want = {new: (checkpoint.meta(old).shape, checkpoint.meta(old).dtype) for old, new in remap.mapping.items()}
         wrapper = checkpoint.wrapper
-        root = checkpoint.pickled_root()  # wrapper and extras are written back as they were
-        state = {new: checkpoint.tensor(old) for old, new in remap.mapping.items()}
-        root = _replace_state(root, wrapper, state)
-        need = sum(checkpoint.meta(old).nbytes for old in remap.mapping)
+        plan = _plan_without_torch(checkpoint, kind, remap.mapping, wrapper)
+        need = plan.nbytes if plan is not None else sum(checkpoint.meta(old).nbytes for old in remap.mapping)
         with disk_full_as_error(dst, need), AtomicFile(dst) as handle:
-            with open(handle.path, "wb") as stream:
-                torch.save(root, stream, _use_new_zipfile_serialization=(kind == "torch-zip"))
-            del root, state
+            if plan is not None:
+                starts = write_torch_zip(handle, plan)
+                _verify_copied(checkpoint, handle.path, remap.mapping, want, options, wrapper, plan, starts,
+                               shown=str(dst))
+            else:
+                _save_with_torch(checkpoint, handle.path, remap.mapping, wrapper, kind)
+                _verify_remapped(checkpoint, handle.path, remap.mapping, want, options, wrapper, shown=str(dst))
             # checked while still a temporary file: a mismatch leaves nothing under dst
-            _verify_remapped(checkpoint, handle.path, remap.mapping, want, options, wrapper, shown=str(dst))
             handle.commit()
     return RemapCheckpointResult(
         source=str(src), destination=str(dst), format=kind, files=[str(dst)], tensors=len(remap.mapping),
         renamed=remap.renamed, dropped=remap.dropped, unmatched_rules=[r.to_dict() for r in remap.unmatched_rules],
         rules=[r.to_dict() for r in rules or []], bytes_written=dst.stat().st_size, verified=True)
+
+
+def _plan_without_torch(checkpoint, kind: str, mapping: dict[str, str], wrapper: str | None) -> TorchZipPlan | None:
+    """A torch zip whose pickle holds nothing but containers, plain values and tensors is rewritten
+    without torch: the same pickle torch.save would write, storages copied file to file. None when
+    torch must write it (a legacy file, a device or tensor subclass in the pickle, ...)."""
+    root = checkpoint.inert_root()  # objects that were not executed are refused here, as with torch
+    if kind != "torch-zip":
+        return None
+    state = {new: replace(checkpoint.tensor_ref(old), parameter=False) for old, new in mapping.items()}
+    root = _replace_state(root, wrapper, state, lambda value: isinstance(value, TensorRef))
+    return plan_torch_zip(root, checkpoint.files[0], checkpoint.storage_range)
+
+
+def _save_with_torch(checkpoint, path: str, mapping: dict[str, str], wrapper: str | None, kind: str) -> None:
+    import torch
+
+    root = checkpoint.pickled_root()  # wrapper and extras are written back as they were
+    state = {new: checkpoint.tensor(old) for old, new in mapping.items()}
+    root = _replace_state(root, wrapper, state, _is_tensor)
+    with open(path, "wb") as stream:
+        torch.save(root, stream, _use_new_zipfile_serialization=(kind == "torch-zip"))
+
+
+def _verify_copied(source, written_path: str, mapping: dict[str, str], want: dict, options: dict,
+                   wrapper: str | None, plan: TorchZipPlan, starts: dict[str, int], *, shown: str) -> None:
+    """``_verify_remapped`` without torch, for a file written from a plan: every storage's bytes
+    equal, byte for byte, to the source's (and to the CRC written for them); the written pickle
+    lists the planned names, shapes and dtypes; each tensor views the storage copied from its
+    source's, at the same offset with the same strides. Together: every tensor bit for bit."""
+    problem = None
+    for record in plan.records:
+        copied = record.data
+        if isinstance(copied, FileRange) and not ranges_equal(
+                (copied.path, copied.offset), (written_path, starts[record.name]), copied.nbytes, crc32=record.crc):
+            problem = ("written bytes differ from the source", None)
+            break
+    if problem is None:
+        with open_checkpoint(written_path, select=wrapper or ".", inert=options["inert"]) as written:
+            if {n: (m.shape, m.dtype) for n, m in written.metas().items()} != want:
+                problem = ("the written file does not list the remapped tensors", None)
+            else:
+                for old, new in mapping.items():
+                    if not _same_view(source.tensor_ref(old), written, new, plan, starts):
+                        problem = ("written tensor differs from the source", new)
+                        break
+    if problem is not None:
+        raise IntegrityError(problem[0], path=shown, key=problem[1], fix="check the disk; nothing was written")
+
+
+def _same_view(ref: TensorRef, written, key: str, plan: TorchZipPlan, starts: dict[str, int]) -> bool:
+    """The written tensor reads the copy of its source's storage, found where it was written, the
+    way the source did (an empty tensor has nothing to view)."""
+    out = written.tensor_ref(key)
+    if not ref.numel:
+        return not out.numel
+    record = f"data/{out.storage.key}"
+    where = written.storage_range(out.storage)
+    return (plan.storages.get(out.storage.key) == ref.storage.key and where is not None
+            and where[1] == starts.get(record) and where[2] == ref.storage.nbytes
+            and (out.offset, out.shape, out.stride, out.dtype) == (ref.offset, ref.shape, ref.stride, ref.dtype))
 
 
 def _verify_remapped(source, written_path: str, mapping: dict[str, str], want: dict, options: dict,
@@ -161,14 +228,14 @@ def _raw_bytes(tensor):
     return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
-def _replace_state(root, wrapper: str | None, state: dict):
+def _replace_state(root, wrapper: str | None, state: dict, is_tensor: Callable[[object], bool]):
     """A shallow copy of ``root`` with the state dict at ``wrapper`` replaced (extras kept in place)."""
     if not wrapper:
-        extras = {k: v for k, v in root.items() if not _is_tensor(v)}
+        extras = {k: v for k, v in root.items() if not is_tensor(v)}
         return {**state, **extras}
     head, _, rest = wrapper.partition(".")
     copy = dict(root)
-    copy[head] = _replace_state(root[head], rest or None, state)
+    copy[head] = _replace_state(root[head], rest or None, state, is_tensor)
     return copy
 
 

@@ -177,7 +177,8 @@ class FileRange:
     nbytes: int
 
 
-def _write_range(out: AtomicFile, meta: TensorMeta, source: FileRange) -> int:
+def write_range(out: AtomicFile, source: FileRange) -> int:
+    """Append a file range to ``out``, inside the kernel where it can; returns the bytes copied."""
     fd = os.open(source.path, os.O_RDONLY)
     try:
         if hasattr(os, "copy_file_range"):
@@ -198,7 +199,7 @@ def _write_range(out: AtomicFile, meta: TensorMeta, source: FileRange) -> int:
 
 
 def _write_tensor(out: AtomicFile, meta: TensorMeta, tensor, spans: FileSpans | None) -> int:
-    written = _write_range(out, meta, tensor) if isinstance(tensor, FileRange) else _write_torch(out, meta, tensor, spans)
+    written = write_range(out, tensor) if isinstance(tensor, FileRange) else _write_torch(out, meta, tensor, spans)
     if written != meta.nbytes:
         raise InvalidCheckpointError(f"wrote {written} bytes but the header promises {meta.nbytes}",
                                      key=meta.name, fix="the source file changed or shrank while reading")

@@ -19,7 +19,17 @@ from typing import BinaryIO
 
 from ..checkpoint import Checkpoint
 from ..errors import UsageError
-from ..inert import Contents, MappedStorages, TensorRef, TorchName, is_inert, plain, read_legacy, read_zip
+from ..inert import (
+    Contents,
+    MappedStorages,
+    StorageRef,
+    TensorRef,
+    TorchName,
+    is_inert,
+    plain,
+    read_legacy,
+    read_zip,
+)
 from ..meta import TensorMeta
 from ..pickle_safety import check_zip_records
 from ..selection import TOP
@@ -71,9 +81,20 @@ class TorchCheckpoint(Checkpoint):
         pickle said (``inert.plain``), so a Namespace's fields can be written as JSON."""
         return {name: plain(value) for name, value in self.selection.extra_values.items()}
 
-    def pickled_root(self):
-        """The whole object with real tensors (for rewriting the pickle); refused when it holds
-        objects that were not executed, which cannot be written back as they were."""
+    def tensor_ref(self, key: str) -> TensorRef:
+        """Where the tensor under ``key`` lies: its storage and view, as the pickle says."""
+        self.meta(key)
+        return self._refs[key]
+
+    def storage_range(self, storage: StorageRef) -> tuple[Path, int, int] | None:
+        """(file, offset, nbytes) of a storage's bytes in a local file; None for a remote listing."""
+        if self._storages is None:
+            return None
+        return self._storages.storage_span(storage)
+
+    def inert_root(self):
+        """The whole object as read inertly (``TensorRef`` leaves), for rewriting the pickle;
+        refused like ``pickled_root``."""
         if self._storages is None:
             raise UsageError("tensor bytes are not available from a remote listing", path=self.source,
                              fix="download the file first (ckpt download) and open the local copy")
@@ -82,7 +103,12 @@ class TorchCheckpoint(Checkpoint):
             raise UsageError(f"the pickle holds objects that were not executed ({', '.join(found[:4])}), which "
                              "cannot be written back", path=self.source,
                              fix="convert it to safetensors with `ckpt convert` instead")
-        return _materialised(self._root, self._storages, self.source)
+        return self._root
+
+    def pickled_root(self):
+        """The whole object with real tensors (for rewriting the pickle with torch); refused when it
+        holds objects that were not executed, which cannot be written back as they were."""
+        return _materialised(self.inert_root(), self._storages, self.source)
 
     def close(self) -> None:
         if self._storages is not None:
