@@ -227,19 +227,19 @@ class TokenBucket:
     """At most ``rate`` bytes per second, in bursts of at most ``burst`` bytes: the throughput cap of
     one connection (``ckpt serve --rate-limit``), modelling a link where one stream is the bottleneck."""
 
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.burst = int(max(64 * 1024, rate / 100))  # a send every 10 ms at most: smooth, cheap
+    def __init__(self, rate: float, clock=time.monotonic, sleep=time.sleep) -> None:
+        self.rate, self.clock, self.sleep = rate, clock, sleep
+        self.burst = int(max(4096, rate / 100))  # a send every 10 ms at most: smooth, cheap
         self.tokens = float(self.burst)
-        self.stamp = time.monotonic()
+        self.stamp = clock()
 
     def take(self, n: int) -> None:
         """Wait until ``n`` (at most ``burst``) bytes may go; a deficit is paid by sleeping."""
-        now = time.monotonic()
+        now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate) - n
         self.stamp = now
         if self.tokens < 0:
-            time.sleep(-self.tokens / self.rate)
+            self.sleep(-self.tokens / self.rate)
 
 
 def parse_rate(text: str | float | None) -> float | None:

@@ -56,7 +56,7 @@ DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
 ALIGN = 64 * 1024  # range boundaries on page-cache and disk-block friendly offsets
 FINAL_SPLIT = 8
 RECORD_BYTES = 8 * 1024 * 1024  # rewrite the record once this much arrived since the last one...
-RECORD_SECONDS = 0.25  # ...or this long after, whichever comes first
+RECORD_SECONDS = 0.1  # ...or this long after, whichever comes first
 RECORD_SUFFIX = ".ranges"
 
 
@@ -117,7 +117,7 @@ class RangeRecord:
             return False
         at = 0
         for start, end, upto in self.ranges:
-            if start != at or not start <= upto <= end or start >= end or upto > partial_size:
+            if start != at or not start <= upto <= end or start >= end or (upto > start and upto > partial_size):
                 return False
             at = end
         return at == self.size
