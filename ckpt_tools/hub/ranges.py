@@ -131,7 +131,10 @@ class RangeRecord:
         return next((upto for _, end, upto in self.ranges if upto < end), self.size)
 
     def write(self, path: Path) -> None:
-        atomic_write(path, json.dumps({"etag": self.etag, "size": self.size, "ranges": self.ranges}).encode())
+        # Not fsynced: neither is the partial file, so after a power cut a durable record could
+        # vouch for bytes that never reached the disk; the hash check catches either way.
+        atomic_write(path, json.dumps({"etag": self.etag, "size": self.size, "ranges": self.ranges}).encode(),
+                     durable=False)
 
 
 def partial_state(partial: Path, expect: Expect) -> tuple[int, RangeRecord | None]:
