@@ -584,7 +584,7 @@ def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8080, *, verbos
     """Serve ``root`` until interrupted (the ``ckpt serve`` command); the address is announced on
     ``out`` (stdout by default) as the first line, for scripts that start it with ``--port 0``."""
     server = HubServer(root, host, port, verbose=verbose, rate_limit=rate_limit)
-    cap = f"; each connection capped at {server.rate_limit / 1e6:g} MB/s" if server.rate_limit else ""
+    cap = f"; {server.rate_limit / 1e6:g} MB/s per connection" if server.rate_limit else ""
     print(f"serving {server.folder.root} at {server.endpoint} (set HF_ENDPOINT={server.endpoint}){cap}",
           file=out or sys.stdout, flush=True)
     try:

@@ -19,6 +19,7 @@ from ckpt_tools.http import RetryPolicy
 from ckpt_tools.hub import download, plan_download
 from ckpt_tools.hub.ranges import RangeRecord, split
 from ckpt_tools.hub.transfer import Expect
+from ckpt_tools.render import human_bytes
 from ckpt_tools.server import Fault, HubServer, publish
 
 FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, timeout=10)
@@ -72,10 +73,21 @@ def asked_for(spans) -> list[str]:
     return sorted(f"bytes={start}-{end - 1}" for start, end in spans)
 
 
-def test_split_rounds_of_one_range_per_connection_the_last_one_finer():
-    assert split(12 * 2**20, 2**20, 4) == (
-        [(i * 2**20, (i + 1) * 2**20) for i in range(8)]  # two rounds of 4 ranges of the chunk size
-        + [(8 * 2**20 + i * 128 * 1024, 8 * 2**20 + (i + 1) * 128 * 1024) for i in range(32)])  # one in 8ths
+def test_split_staggers_the_first_round_and_cuts_the_last_one_finer():
+    mib, kib = 2**20, 2**10
+    assert split(12 * mib, mib, 4) == (
+        [(0, 256 * kib), (256 * kib, 768 * kib), (768 * kib, 1536 * kib), (1536 * kib, 2560 * kib)]  # 1/4 .. 4/4
+        + [(2560 * kib + i * mib, 2560 * kib + (i + 1) * mib) for i in range(5)] + [(7680 * kib, 8 * mib)]
+        + [(8 * mib + i * 128 * kib, 8 * mib + (i + 1) * 128 * kib) for i in range(32)])  # the last 4 MiB in 8ths
+
+
+@pytest.mark.parametrize("size", [CHUNK + 1, SIZE, 10**7 + 12345, 3 * 10**8])
+def test_split_tiles_the_file_with_ranges_no_larger_than_the_chunk(size):
+    spans = split(size, CHUNK, CONNECTIONS)
+    assert [start for start, _ in spans] == [0] + [end for _, end in spans[:-1]]
+    assert spans[-1][1] == size
+    assert max(end - start for start, end in spans) <= CHUNK
+    assert len(spans) >= CONNECTIONS
 
 
 def test_split_one_range_when_one_stream_does():
@@ -137,17 +149,18 @@ def test_resume_from_a_record_fetches_only_what_it_lacks(hub, cache):
     assert (got.sha256, got.resumed_from, got.bytes_transferred) == (BIG_SHA, kept, SIZE - kept)
     assert hub.stats.bytes_sent == SIZE - kept
     assert sorted(ranges_asked(hub)) == sorted(f"bytes={upto}-{end - 1}" for start, end, upto in ranges if upto < end)
-    assert got.notes[-1] == "resumed: 290.18 KiB an earlier run wrote were read back from disk to hash them"
+    assert got.notes[-1] == f"resumed: {human_bytes(kept)} an earlier run wrote were read back from disk to hash them"
     assert Path(got.local_path).read_bytes() == BIG and not record(cache).exists()
 
 
 def test_dry_run_shows_what_a_record_keeps(hub, cache):
     partial(cache).parent.mkdir(parents=True)
     partial(cache).write_bytes(bytes(SIZE))
-    RangeRecord.fresh(EXPECT, SPANS, prefix=CHUNK + 10).write(record(cache))
+    RangeRecord.fresh(EXPECT, SPANS, prefix=SPANS[2][0] + 10).write(record(cache))
     planned = plan_download(REPO, [NAME], endpoint=hub.endpoint, cache_dir=cache, retry=FAST,
                             connections=CONNECTIONS, chunk_size=CHUNK).files[0]
-    assert (planned.action, planned.partial_bytes, planned.to_fetch) == ("resume", CHUNK + 10, SIZE - CHUNK - 10)
+    kept = SPANS[2][0] + 10
+    assert (planned.action, planned.partial_bytes, planned.to_fetch) == ("resume", kept, SIZE - kept)
     assert (planned.ranges, planned.connections) == (len(SPANS), CONNECTIONS)
 
 
@@ -164,24 +177,28 @@ def test_a_record_that_does_not_fit_its_partial_file_is_not_trusted(hub, cache):
 
 def test_a_partial_prefix_without_a_record_is_kept(hub, cache):
     partial(cache).parent.mkdir(parents=True)
-    partial(cache).write_bytes(BIG[:CHUNK + 100])  # what one stream leaves
+    kept = SPANS[2][0] + 100  # inside the third range
+    partial(cache).write_bytes(BIG[:kept])  # what one stream leaves
     got = fetch(hub, cache).files[0]
-    assert (got.sha256, got.resumed_from, got.bytes_transferred) == (BIG_SHA, CHUNK + 100, SIZE - CHUNK - 100)
-    assert f"bytes={CHUNK + 100}-{2 * CHUNK - 1}" in ranges_asked(hub)
+    assert (got.sha256, got.resumed_from, got.bytes_transferred) == (BIG_SHA, kept, SIZE - kept)
+    assert f"bytes={kept}-{SPANS[2][1] - 1}" in ranges_asked(hub)
 
 
 def test_a_record_is_resumed_whatever_the_new_settings(hub, cache):
     partial(cache).parent.mkdir(parents=True)
+    ranges = [[start, end, start] for start, end in SPANS]
+    ranges[0][2] = SPANS[0][1]  # the first range complete, the fourth one too, the sixth one half
+    ranges[3][2] = SPANS[3][1]
+    ranges[5][2] = (SPANS[5][0] + SPANS[5][1]) // 2
     data = bytearray(SIZE)
-    data[:CHUNK + 10] = BIG[:CHUNK + 10]
-    data[3 * CHUNK:4 * CHUNK] = BIG[3 * CHUNK:4 * CHUNK]
+    for start, _, upto in ranges:
+        data[start:upto] = BIG[start:upto]
     partial(cache).write_bytes(data)
-    ranges = [[start, end, min(end, max(start, CHUNK + 10))] for start, end in SPANS]
-    ranges[3][2] = ranges[3][1]
     RangeRecord(BIG_SHA, SIZE, ranges).write(record(cache))
+    kept = sum(upto - start for start, _, upto in ranges)
     got = fetch(hub, cache, connections=1, chunk_size=SIZE).files[0]  # one stream now: its ranges still count
     assert (got.sha256, got.ranges, got.connections) == (BIG_SHA, len(SPANS), 1)
-    assert (got.resumed_from, hub.stats.bytes_sent) == (2 * CHUNK + 10, SIZE - 2 * CHUNK - 10)
+    assert (got.resumed_from, hub.stats.bytes_sent) == (kept, SIZE - kept)
 
 
 def test_server_ignoring_range_falls_back_to_one_stream(hub, cache, capsys):
@@ -244,12 +261,12 @@ def test_a_bad_byte_in_a_recorded_range_is_caught(hub, cache):
 
 
 def test_a_connection_dropped_mid_range_resumes_that_range(hub, cache):
-    hub.faults.append(Fault("drop", skip=1, after=100_000, path=NAME))
+    hub.faults.append(Fault("drop", skip=1, after=30_000, path=NAME))  # the smallest range is 64 KiB
     got = fetch(hub, cache).files[0]
     assert (got.sha256, got.bytes_transferred) == (BIG_SHA, SIZE)  # nothing twice
-    second = ranges_asked(hub)[1]
-    start, end = (int(n) for n in second.removeprefix("bytes=").split("-"))
-    assert f"bytes={start + 100_000}-{end}" in ranges_asked(hub)
+    dropped = ranges_asked(hub)[1]
+    start, end = (int(n) for n in dropped.removeprefix("bytes=").split("-"))
+    assert f"bytes={start + 30_000}-{end}" in ranges_asked(hub)
 
 
 # -- a child process killed with ranges in flight ------------------------------------------------

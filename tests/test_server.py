@@ -303,7 +303,7 @@ def test_ckpt_serve_rate_limit_is_announced(root, repo):
                              "--rate-limit", "20MB/s"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline()
-        assert line.endswith("; each connection capped at 20 MB/s\n")
+        assert line.endswith("; 20 MB/s per connection\n")
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -1,7 +1,7 @@
 """One big file over several connections: ranges written in place, recorded, hashed in order.
 
-A file larger than the chunk size is split into ranges (``split``): rounds of one range per
-connection, none larger than the chunk size, the last round in smaller pieces.
+A file larger than the chunk size is split into ranges (``split``): at least one per connection,
+none larger than the chunk size, sized so that they complete about in file order.
 Each connection takes the next range not yet complete and fetches it with the GET loop a single
 stream uses (``transfer.Stream``: Range and If-Range, the answer checked, retries, 429 and
 ``Retry-After`` honoured per connection), writing its bytes in place into the one partial file
@@ -15,8 +15,10 @@ stream uses (``transfer.Stream``: Range and If-Range, the answer checked, retrie
   bytes past the partial's end) is not trusted: the transfer starts over.
 - sha256 needs the bytes in order: a hasher thread follows the contiguous prefix of written bytes as
   it grows, reading them back while they are in the page cache, so when the last range lands only
-  the tail is left to hash. A resumed run hashes the bytes earlier runs wrote once more, reading
-  them from disk; its result says so.
+  the tail is left to hash. The connections past the prefix wait while the hasher is more than a
+  couple of ranges behind (bytes an earlier run wrote aside), so on a busy CPU the hasher and the
+  connection at the prefix go on as one stream would, instead of leaving the file to hash at the end. A resumed run hashes the bytes earlier runs wrote once
+  more, reading them from disk; its result says so.
 - A server that ignores Range (a ``200``) or answers another range raises ``RangesUnsupported``:
   the caller goes on over one stream from the contiguous prefix (``keep_prefix``). An ETag that
   changes mid-way means the partial file holds other bytes: it and its record are deleted.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import threading
@@ -67,19 +70,29 @@ def record_path(partial: Path) -> Path:
 
 def split(size: int | None, chunk_size: int, connections: int) -> list[tuple[int, int]]:
     """The ranges ``[(start, end)]`` of a fresh download: one range for a file not above
-    ``chunk_size`` (or of unknown size, or over one connection); else rounds of ``connections``
-    ranges of at most ``chunk_size``, the last round cut ``FINAL_SPLIT`` times finer. The ranges of
-    a round finish together and only the first of them is part of the contiguous prefix the hasher
-    follows, so the bytes left to hash when the last one lands are about a round's: small ones."""
+    ``chunk_size`` (or of unknown size, or over one connection); else ranges of at most
+    ``chunk_size``, at least one per connection.
+
+    sha256 follows the contiguous prefix, so ranges should complete in file order, not a round at
+    a time: the first round is staggered (1/N, 2/N, ... of a range, so the connections come free one
+    after another and each takes the next range in order), and the last round is cut
+    ``FINAL_SPLIT`` times finer, so the connections finish together and the bytes left to hash when
+    the last one lands are few."""
     if size is None or connections < 2 or size <= chunk_size:
         return [(0, size or 0)]
     count = max(connections, -(-size // chunk_size))
     count = -(-count // connections) * connections
     length = _align(-(-size // count))
-    last_round = max(0, (-(-size // length) - connections) * length)
-    fine = _align(length // FINAL_SPLIT)
-    return [(start, start + length) for start in range(0, last_round, length)] + \
-        [(start, min(size, start + fine)) for start in range(last_round, size, fine)]
+    last_round = max(0, size - connections * length)
+    staggered = [_align(length * k // connections) for k in range(1, connections + 1)]
+    spans, at = [], 0
+    for n in itertools.chain(staggered, itertools.repeat(length)):
+        if at >= last_round:
+            break
+        spans.append((at, min(at + n, last_round)))
+        at = spans[-1][1]
+    piece = _align(length // FINAL_SPLIT)
+    return spans + [(start, min(size, start + piece)) for start in range(at, size, piece)]
 
 
 def _align(n: int) -> int:
@@ -276,12 +289,21 @@ class RangedDownload:
         self.todo = deque(i for i, (_, end) in enumerate(self.spans) if self.pos[i] < end)
         self.connections = max(1, min(ctx.connections, len(self.todo)))
         self.first = 0  # the first range not complete: the hasher may read up to pos[first]
+        # bytes an earlier run wrote: hashed again, but never a reason for the connections to wait
+        self.old = [(start, upto) for start, _, upto in record.ranges if upto > start]
+        self.begun = list(self.pos)
+        # bytes written now into complete ranges past the prefix (per range, and in all)
+        self.counted, self.done_ahead = [0] * len(self.spans), 0
+        # what may wait to be hashed before the connections past the prefix wait: twice what a range
+        # completing in file order, or a round of the smallest ranges, makes hashable at once
+        lengths = [end - start for start, end in self.spans]
+        self.ahead = 2 * max(max(lengths), self.connections * min(lengths))
         self.hashed = self.transferred = self.unrecorded = self.exited = 0
         self.tail: int | None = None  # bytes left to hash when the last byte arrived
         self.changed = False  # the server's ETag changed: the partial file holds other bytes
         self.stop = threading.Event()
         self.lock = threading.Lock()
-        self.hash_ready = threading.Condition(self.lock)
+        self.moved = threading.Condition(self.lock)  # the prefix or the hasher moved, or a stop
         self.record_due = threading.Condition(self.lock)
         self.hash_error: BaseException | None = None
         self.on_bytes = lambda n: None
@@ -289,6 +311,10 @@ class RangedDownload:
 
     # -- workers --
     def write(self, index: int, offset: int, data: bytes) -> None:
+        with self.lock:
+            self.moved.wait_for(lambda: index == self.first or self._room())
+        if self.stop.is_set():
+            raise Cancelled()
         view = memoryview(data)
         written = 0
         while written < len(view):
@@ -297,17 +323,33 @@ class RangedDownload:
             self.pos[index] = offset + written
             self.transferred += written
             self.unrecorded += written
+            if self.pos[index] >= self.spans[index][1] and index != self.first:
+                self.counted[index] = self.pos[index] - self.begun[index]
+                self.done_ahead += self.counted[index]
             if index == self.first:
                 self._advance_first()
-                self.hash_ready.notify_all()
+                self.moved.notify_all()
             if self.unrecorded >= RECORD_BYTES:
                 self.record_due.notify_all()
 
     def _advance_first(self) -> None:
         while self.first < len(self.spans) and self.pos[self.first] >= self.spans[self.first][1]:
+            self.done_ahead -= self.counted[self.first]
             self.first += 1
         if self.first == len(self.spans) and self.tail is None:
             self.tail = self.expect.size - self.hashed
+
+    def _room(self) -> bool:
+        """Whether a connection past the prefix may write more (called under the lock): at most
+        ``ahead`` bytes written now wait in the prefix or in complete ranges past it. On a busy CPU
+        this leaves the connection at the prefix, which never waits, and the hasher to go on, as
+        one stream would; when the link is the bottleneck the hasher keeps up and nobody waits."""
+        frontier = self._frontier()
+        behind = frontier - self.hashed + self.done_ahead
+        if behind <= self.ahead or self.stop.is_set():
+            return True
+        old = sum(max(0, min(upto, frontier) - max(start, self.hashed)) for start, upto in self.old)
+        return behind - old <= self.ahead
 
     def _take(self) -> int | None:
         with self.lock:
@@ -326,29 +368,34 @@ class RangedDownload:
         """Stop the workers at their next chunk (or wait) and the hasher."""
         with self.lock:
             self.stop.set()
-            self.hash_ready.notify_all()
+            self.moved.notify_all()
 
     # -- the hasher --
     def _frontier(self) -> int:
         return self.pos[self.first] if self.first < len(self.spans) else self.expect.size
 
     def _hash(self) -> None:
+        """Hash the contiguous prefix as it grows, reading it back from the page cache; waiting
+        connections are told as it goes."""
         buffer = memoryview(bytearray(HASH_CHUNK))
         try:
             while self.hashed < self.expect.size:
                 with self.lock:
-                    self.hash_ready.wait_for(lambda: self._frontier() > self.hashed or self.stop.is_set())
+                    self.moved.wait_for(lambda: self._frontier() > self.hashed or self.stop.is_set())
                     upto = self._frontier()
                 while self.hashed < upto and not self.stop.is_set():
                     n = os.preadv(self.fd, [buffer[:min(HASH_CHUNK, upto - self.hashed)]], self.hashed)
                     if n <= 0:
                         raise OSError(errno.EIO, "the partial file ends before its record says")
                     self.hashers.update(buffer[:n])
-                    self.hashed += n
+                    with self.lock:
+                        self.hashed += n
+                        self.moved.notify_all()  # connections waiting for the hasher
                 if self.stop.is_set():
                     return
         except BaseException as exc:  # noqa: BLE001 - raised by run() in the transfer's thread
             self.hash_error = exc
+            self.halt()
 
     # -- the record --
     def save(self) -> None:
