@@ -258,11 +258,23 @@ def parse_rate(text: str | float | None) -> float | None:
 
 @dataclass
 class ServerStats:
-    """What the mirror did: every request line and the body bytes it sent."""
+    """What the mirror did: every request line, the body bytes it sent, and the most requests it
+    answered at once."""
 
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # method, path, Range
     bytes_sent: int = 0
+    active: int = 0
+    peak_active: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def begin(self) -> None:
+        with self.lock:
+            self.active += 1
+            self.peak_active = max(self.peak_active, self.active)
+
+    def end(self) -> None:
+        with self.lock:
+            self.active -= 1
 
     def add_request(self, method: str, path: str, rng: str | None) -> None:
         with self.lock:
@@ -297,6 +309,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch(head=False)
 
     def _dispatch(self, head: bool) -> None:
+        self.server.stats.begin()
+        try:
+            self._answer(head)
+        finally:
+            self.server.stats.end()
+
+    def _answer(self, head: bool) -> None:
         raw_path = urlsplit(self.path).path
         self.server.stats.add_request(self.command, raw_path, self.headers.get("Range"))
         fault = self.server.take_fault(self.command, raw_path)

@@ -304,3 +304,14 @@ def test_kill_9_with_ranges_in_flight_then_resume(root, commit, cache):
         assert hub.stats.bytes_sent == SIZE - kept  # exactly what the record lacked
         assert sorted(ranges_asked(hub)) == sorted(f"bytes={upto}-{end - 1}" for _, end, upto in left if upto < end)
     assert Path(got.local_path).read_bytes() == BIG
+
+
+def test_connections_are_capped_across_files(root, cache):
+    other = random.Random(17).randbytes(SIZE)
+    publish(root, REPO, {NAME: BIG, "other.bin": other})
+    with HubServer(root, rate_limit=2_000_000) as hub:  # slow enough that the two files overlap
+        result = download(REPO, [NAME, "other.bin"], endpoint=hub.endpoint, cache_dir=cache, connections=3,
+                          chunk_size=CHUNK, retry=FAST, max_workers=2)
+    assert [f.sha256 for f in result.files] == [BIG_SHA, hashlib.sha256(other).hexdigest()]
+    assert [(f.ranges, f.connections) for f in result.files] == [(len(split(SIZE, CHUNK, 3)), 3)] * 2
+    assert hub.stats.peak_active == 3  # six range workers, three connections at once

@@ -17,8 +17,9 @@ stream uses (``transfer.Stream``: Range and If-Range, the answer checked, retrie
   it grows, reading them back while they are in the page cache, so when the last range lands only
   the tail is left to hash. The connections past the prefix wait while the hasher is more than a
   couple of ranges behind (bytes an earlier run wrote aside), so on a busy CPU the hasher and the
-  connection at the prefix go on as one stream would, instead of leaving the file to hash at the end. A resumed run hashes the bytes earlier runs wrote once
-  more, reading them from disk; its result says so.
+  connection at the prefix go on as one stream would, instead of leaving the file to hash at the
+  end. A resumed run hashes the bytes earlier runs wrote once more, reading them from disk; its
+  result says so.
 - A server that ignores Range (a ``200``) or answers another range raises ``RangesUnsupported``:
   the caller goes on over one stream from the contiguous prefix (``keep_prefix``). An ETag that
   changes mid-way means the partial file holds other bytes: it and its record are deleted.
@@ -175,18 +176,17 @@ def plan_ranges(partial: Path, expect: Expect, chunk_size: int, connections: int
     return kept, len(record.ranges), max(1, min(todo, connections))
 
 
-def keep_prefix(partial: Path, expect: Expect) -> int:
+def keep_prefix(partial: Path, expect: Expect) -> None:
     """Make a ranged partial file what one stream resumes: its contiguous prefix (nothing when its
-    record cannot be trusted), the record deleted. Returns the bytes kept."""
+    record cannot be trusted), the record deleted."""
     sidecar = record_path(partial)
     if not sidecar.exists():
-        return partial.stat().st_size if partial.is_file() else 0
+        return
     _, record = partial_state(partial, expect)
-    keep = record.prefix() if record is not None else 0
     if partial.is_file():
-        os.truncate(partial, keep)  # first: a record over a shorter partial file is not trusted
+        # first: a record over a shorter partial file is not trusted
+        os.truncate(partial, record.prefix() if record is not None else 0)
     sidecar.unlink(missing_ok=True)
-    return keep
 
 
 def discard(partial: Path) -> None:
@@ -205,8 +205,9 @@ def transfer_ranges(ctx: TransferContext, path: str, url: str, expect: Expect, p
     hashers = Hashers(expect)
     with disk_full_as_download_error(partial, path):
         record, notes = _prepare(partial, expect, split(expect.size, chunk_size, ctx.connections))
-        fd = os.open(partial, os.O_RDWR)
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            os.ftruncate(fd, expect.size)  # sparse where nothing is written yet
             job = RangedDownload(ctx, url, expect, partial, record, fd, hashers)
             task = ctx.progress.add(path, expect.size, record.kept)
             job.on_bytes = lambda n: ctx.progress.advance(task, n)
@@ -227,8 +228,8 @@ def transfer_ranges(ctx: TransferContext, path: str, url: str, expect: Expect, p
 
 
 def _prepare(partial: Path, expect: Expect, spans: list[tuple[int, int]]) -> tuple[RangeRecord, list[str]]:
-    """The record to resume (a new one when there is none to trust), and the partial file at its
-    full size, sparse where nothing is written yet."""
+    """The record to resume: the partial file's when it can be trusted, else a new one, written
+    (before the partial file grows) over what the partial file keeps."""
     kept, record = partial_state(partial, expect)
     notes = []
     if record is None:
@@ -237,12 +238,7 @@ def _prepare(partial: Path, expect: Expect, spans: list[tuple[int, int]]) -> tup
         if partial.is_file():
             os.truncate(partial, kept)  # a prefix stays; anything else goes
         record = RangeRecord.fresh(expect, spans, kept)
-        record.write(record_path(partial))  # before the partial file grows
-    fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        os.ftruncate(fd, expect.size)
-    finally:
-        os.close(fd)
+        record.write(record_path(partial))
     return record, notes
 
 
