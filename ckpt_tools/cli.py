@@ -452,14 +452,21 @@ def validate(source: str, model: str | None, model_config: str | None, model_cla
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Hub cache folder (default: HF_HUB_CACHE).")
 @click.option("--local-dir", type=click.Path(file_okay=False), help="Put plain files here instead of the cache.")
 @click.option("--endpoint", metavar="URL", help="Hub or mirror URL (default: HF_ENDPOINT).")
-@click.option("--dry-run", is_flag=True, help="Pin the commit and show what would be fetched (sizes, what is cached); "
-                                               "write nothing.")
+@click.option("--dry-run", is_flag=True, help="Pin the commit and show what would be fetched (sizes, what is cached, "
+                                               "ranges); write nothing.")
+@click.option("--connections", default=hub.DEFAULT_CONNECTIONS, show_default=True, type=int, metavar="N",
+              help="At most N connections at once, across all files; a big file is fetched in ranges over "
+                   "up to N of them (1: one stream per file).")
+@click.option("--chunk-size", default="64MiB", show_default=True, metavar="SIZE",
+              help="Files above SIZE are fetched in ranges, none larger than SIZE (e.g. 64MiB, 100MB).")
 @format_option
-def download(repo_id, files, revision, lock, locked, cache_dir, local_dir, endpoint, dry_run):
+def download(repo_id, files, revision, lock, locked, cache_dir, local_dir, endpoint, dry_run, connections,
+             chunk_size):
     """Download files of REPO_ID at one pinned commit: resumable, hashed, verified.
 
     Without FILES, every file of the revision. A partial file survives an interrupted run and
-    the next run resumes it.
+    the next run resumes it; a big file is fetched in ranges over several connections, each range
+    resumable, and hashed while it downloads.
 
     \b
     Example:
@@ -468,7 +475,8 @@ def download(repo_id, files, revision, lock, locked, cache_dir, local_dir, endpo
       ckpt download openflamingo/OpenFlamingo-3B-vitl-mpt1b --dry-run
     """
     plan = hub.plan_download(repo_id, files, revision=revision, cache_dir=cache_dir, local_dir=local_dir,
-                             endpoint=endpoint, lock=lock, locked=locked)
+                             endpoint=endpoint, lock=lock, locked=locked, connections=connections,
+                             chunk_size=chunk_size)
     emit(plan if dry_run else hub.execute(plan))
 
 
@@ -477,7 +485,9 @@ def download(repo_id, files, revision, lock, locked, cache_dir, local_dir, endpo
 @click.argument("folder", metavar="DIR", type=click.Path(exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", default=8080, show_default=True, type=int, help="Port (0 picks a free one).")
-def serve(folder, host, port):
+@click.option("--rate-limit", metavar="RATE",
+              help="Cap each connection's throughput, e.g. 20MB/s: a link where one stream is the bottleneck.")
+def serve(folder, host, port, rate_limit):
     """Serve DIR, a hub cache folder (models--ORG--NAME/...), as a local hub mirror.
 
     huggingface_hub, transformers and `ckpt download` use it with HF_ENDPOINT.
@@ -486,8 +496,9 @@ def serve(folder, host, port):
     Example:
       ckpt serve ~/.cache/huggingface/hub --port 8080
       HF_ENDPOINT=http://127.0.0.1:8080 ckpt download openflamingo/OpenFlamingo-3B-vitl-mpt1b
+      ckpt serve ~/.cache/huggingface/hub --port 0 --rate-limit 20MB/s
     """
-    server.serve(folder, host, port, out=command_stdout())
+    server.serve(folder, host, port, out=command_stdout(), rate_limit=rate_limit)
 
 
 # --- scan ---

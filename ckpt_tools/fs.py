@@ -44,13 +44,15 @@ COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")  # a full git commit (or git blob) sha
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write a small file whole: readers see the old content or the new, never a part."""
+def atomic_write(path: str | Path, data: bytes, *, durable: bool = True) -> None:
+    """Write a small file whole: readers see the old content or the new, never a part.
+    ``durable=False`` skips the fsyncs: still atomic for every process, but a power cut may leave
+    the old content (for records rewritten many times a second that a newer state supersedes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with AtomicFile(path) as handle:
         handle.write(data)
-        handle.commit()
+        handle.commit(durable=durable)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -172,8 +174,9 @@ class AtomicFile:
             sync_file_range(self.fd, self._flushed, upto - self._flushed, SYNC_FILE_RANGE_WRITE)
         self._flushed = upto
 
-    def commit(self) -> None:
-        os.fsync(self.fd)
+    def commit(self, *, durable: bool = True) -> None:
+        if durable:
+            os.fsync(self.fd)
         if self._named is None:
             # an unnamed file gets a hidden name first, so replacing an existing file stays atomic
             fd, name = tempfile.mkstemp(dir=self.final.parent, prefix=f".{self.final.name}.", suffix=".tmp")
@@ -190,7 +193,8 @@ class AtomicFile:
         os.replace(self._named, self.final)
         self._named = None
         self._close()
-        _fsync_dir(self.final.parent)
+        if durable:
+            _fsync_dir(self.final.parent)
 
     def discard(self) -> None:
         self._close()

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TextIO
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .convert_plan import parse_size
 from .errors import UsageError
 from .fs import COMMIT_RE, AtomicFile, atomic_symlink, atomic_write
 
@@ -189,6 +190,8 @@ class Fault:
       ``bad_range``     answer a Range with 206 but the whole file, labelled ``bytes 0-...`` (a broken proxy)
       ``corrupt``       flip the byte at file offset ``offset`` (the ETag stays the promised one)
       ``slow``          send the body at ``rate`` bytes per second
+      ``etag``          answer with the ETag ``etag`` (the file changed on the server); an ``If-Range``
+                        naming the old one gets the whole file, as from a real server
       ``call``          run ``callback(method, path)`` and answer normally (e.g. move a branch)
       ``redirect``      answer a file request with 302 to ``location`` + the request's path, with the
                         file's commit, ETag and size in ``X-Repo-Commit`` / ``X-Linked-*`` as the hub
@@ -198,43 +201,90 @@ class Fault:
     kind: str
     times: int | None = 1
     path: str | None = None  # only requests whose URL path contains this
+    skip: int = 0  # let this many matching requests through unharmed first (a fault mid-way)
     methods: tuple[str, ...] = ("GET",)
     status: int = 503
     after: int = 0
     retry_after: float = 1
     offset: int = 0
     rate: float = 1e6
+    etag: str = "0" * 64
     callback: object = None
     location: str = ""
     hits: int = 0
+    seen: int = 0  # matching requests so far, skipped ones included
 
     def matches(self, method: str, path: str) -> bool:
         if method not in self.methods or (self.path is not None and self.path not in path):
             return False
         return self.times is None or self.hits < self.times
 
+    def take(self) -> bool:
+        """Count one matching request; True when this one gets the fault."""
+        self.seen += 1
+        if self.seen <= self.skip:
+            return False
+        self.hits += 1
+        return True
+
+
+class TokenBucket:
+    """At most ``rate`` bytes per second, in bursts of at most ``burst`` bytes: the throughput cap of
+    one connection (``ckpt serve --rate-limit``), modelling a link where one stream is the bottleneck."""
+
+    def __init__(self, rate: float, clock=time.monotonic, sleep=time.sleep) -> None:
+        self.rate, self.clock, self.sleep = rate, clock, sleep
+        self.burst = int(max(4096, rate / 100))  # a send every 10 ms at most: smooth, cheap
+        self.tokens = float(self.burst)
+        self.stamp = clock()
+
+    def take(self, n: int) -> None:
+        """Wait until ``n`` (at most ``burst``) bytes may go; a deficit is paid by sleeping."""
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate) - n
+        self.stamp = now
+        if self.tokens < 0:
+            self.sleep(-self.tokens / self.rate)
+
+
+def parse_rate(text: str | float | None) -> float | None:
+    """``"20MB/s"`` -> 20_000_000 bytes per second (the size as ``convert_plan.parse_size`` reads
+    it; ``/s`` may be left out); None stays None (no cap)."""
+    if text is None or isinstance(text, int | float):
+        if text is not None and text <= 0:
+            raise UsageError(f"invalid rate {text!r}", fix="give a positive number of bytes per second")
+        return None if text is None else float(text)
+    size = re.sub(r"(?i)\s*/\s*s(ec)?\s*$", "", str(text))
+    try:
+        return float(parse_size(size))
+    except UsageError:
+        raise UsageError(f"invalid rate {text!r}", fix="write e.g. 20MB/s, 500KiB/s or bytes per second") from None
+
 
 @dataclass
 class ServerStats:
-    """What the mirror did: every request line and the body bytes it sent."""
+    """What the mirror did: every request line, the body bytes it sent, and the most requests it
+    answered at once."""
 
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # method, path, Range
     headers: list[dict[str, str]] = field(default_factory=list)  # each request's headers, names lower-cased
     bytes_sent: int = 0
-    # requests being answered: 0 once the handler of a killed client's connection has given up, so
-    # a count of bytes_sent taken then is final
-    in_flight: int = 0
+    # requests being answered now: 0 once the handler of a killed client's connection has given up,
+    # so a count of bytes_sent taken then is final; peak_active is the most answered at once
+    active: int = 0
+    peak_active: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add_request(self, method: str, path: str, rng: str | None, headers: Mapping[str, str] = {}) -> None:
+    def begin(self, method: str, path: str, rng: str | None, headers: Mapping[str, str] = {}) -> None:
         with self.lock:
             self.requests.append((method, path, rng))
             self.headers.append({name.lower(): value for name, value in headers.items()})
-            self.in_flight += 1
+            self.active += 1
+            self.peak_active = max(self.peak_active, self.active)
 
-    def end_request(self) -> None:
+    def end(self) -> None:
         with self.lock:
-            self.in_flight -= 1
+            self.active -= 1
 
     def add_bytes(self, n: int) -> None:
         with self.lock:
@@ -248,6 +298,12 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "ckpt-serve"
     server: _Server
 
+    def setup(self) -> None:
+        super().setup()
+        # one handler per TCP connection: the cap is per connection, as a CDN's is
+        rate = self.server.rate_limit
+        self.bucket = TokenBucket(rate) if rate else None
+
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
         if self.server.verbose:
             super().log_message(format, *args)
@@ -260,11 +316,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, head: bool) -> None:
         raw_path = urlsplit(self.path).path
-        self.server.stats.add_request(self.command, raw_path, self.headers.get("Range"), self.headers)
+        self.server.stats.begin(self.command, raw_path, self.headers.get("Range"), self.headers)
         try:
             self._answer(raw_path, head)
         finally:
-            self.server.stats.end_request()
+            self.server.stats.end()
 
     def _answer(self, raw_path: str, head: bool) -> None:
         fault = self.server.take_fault(self.command, raw_path)
@@ -365,7 +421,7 @@ class _Handler(BaseHTTPRequestHandler):
         commit = folder.resolve(repo_id, unquote(parts[4]))
         entry = folder.entry(repo_id, commit, unquote("/".join(parts[5:])))
         sha256, _ = folder.hashes(entry)
-        etag = f'"{sha256}"'
+        etag = f'"{fault.etag if fault and fault.kind == "etag" else sha256}"'
         if fault is not None and fault.kind == "redirect":
             return self._redirect(fault, commit, etag, entry.size)
         start, end = 0, entry.size - 1
@@ -409,7 +465,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_body(self, path: Path, start: int, count: int, fault: Fault | None) -> None:
         with open(path, "rb") as f:
-            if fault is None or fault.kind in ("ignore_range", "bad_range"):
+            if fault is None or fault.kind in ("ignore_range", "bad_range", "etag"):
                 return self._sendfile(f, start, count)
             f.seek(start)
             self._send_faulty(f, start, count, fault)
@@ -418,9 +474,11 @@ class _Handler(BaseHTTPRequestHandler):
         """Zero-copy body; bytes are counted as they go, so a client killed mid-body still counts."""
         self.wfile.flush()
         out, offset, left = self.connection.fileno(), start, count
+        most = self.bucket.burst if self.bucket else 64 * COPY_CHUNK
         try:
             while left > 0:
-                sent = os.sendfile(out, f.fileno(), offset, min(left, 64 * COPY_CHUNK))
+                self._throttle(min(left, most))
+                sent = os.sendfile(out, f.fileno(), offset, min(left, most))
                 if sent == 0:
                     break
                 offset, left = offset + sent, left - sent
@@ -438,6 +496,7 @@ class _Handler(BaseHTTPRequestHandler):
                 break
             if fault.kind == "corrupt" and pos <= fault.offset < pos + len(chunk):
                 chunk[fault.offset - pos] ^= 0xFF
+            self._throttle(len(chunk))
             self.wfile.write(chunk)
             self.server.stats.add_bytes(len(chunk))
             pos += len(chunk)
@@ -449,6 +508,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _throttle(self, n: int) -> None:
+        if self.bucket is not None:
+            self.bucket.take(n)
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -468,17 +531,23 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address, folder: HubFolder, faults: list[Fault], verbose: bool) -> None:
-        self.folder, self.faults, self.verbose = folder, faults, verbose
+    def __init__(self, address, folder: HubFolder, faults: list[Fault], verbose: bool,
+                 rate_limit: float | None = None) -> None:
+        self.folder, self.faults, self.verbose, self.rate_limit = folder, faults, verbose, rate_limit
         self.stats = ServerStats()
         self._fault_lock = threading.Lock()
         super().__init__(address, _Handler)
 
+    def handle_error(self, request, client_address) -> None:
+        # a client that goes away (killed, or dropping a body it does not want) is not the server's error
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
     def take_fault(self, method: str, path: str) -> Fault | None:
         with self._fault_lock:
             for fault in self.faults:
-                if fault.matches(method, path):
-                    fault.hits += 1
+                if fault.matches(method, path) and fault.take():
                     return fault
         return None
 
@@ -488,17 +557,22 @@ class HubServer:
 
     >>> with HubServer(root) as hub:            # doctest: +SKIP
     ...     hf_hub_download("org/name", "config.json", endpoint=hub.endpoint)
+
+    ``rate_limit`` (bytes per second, or a text such as ``"20MB/s"``) caps each connection's
+    throughput with a token bucket.
     """
 
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, *,
-                 faults: list[Fault] | None = None, verbose: bool = False) -> None:
+                 faults: list[Fault] | None = None, verbose: bool = False,
+                 rate_limit: str | float | None = None) -> None:
         root = Path(root)
         if not root.is_dir():
             raise UsageError("the folder to serve does not exist", path=str(root),
                              fix="pass a hub cache folder (holding models--ORG--NAME folders)")
         self.folder = HubFolder(root)
         self.faults: list[Fault] = faults if faults is not None else []
-        self._server = _Server((host, port), self.folder, self.faults, verbose)
+        self.rate_limit = parse_rate(rate_limit)
+        self._server = _Server((host, port), self.folder, self.faults, verbose, self.rate_limit)
         self._thread: threading.Thread | None = None
 
     @property
@@ -541,11 +615,12 @@ class HubServer:
 
 
 def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8080, *, verbose: bool = True,
-          out: TextIO | None = None) -> None:
+          out: TextIO | None = None, rate_limit: str | float | None = None) -> None:
     """Serve ``root`` until interrupted (the ``ckpt serve`` command); the address is announced on
     ``out`` (stdout by default) as the first line, for scripts that start it with ``--port 0``."""
-    server = HubServer(root, host, port, verbose=verbose)
-    print(f"serving {server.folder.root} at {server.endpoint} (set HF_ENDPOINT={server.endpoint})",
+    server = HubServer(root, host, port, verbose=verbose, rate_limit=rate_limit)
+    cap = f"; {server.rate_limit / 1e6:g} MB/s per connection" if server.rate_limit else ""
+    print(f"serving {server.folder.root} at {server.endpoint} (set HF_ENDPOINT={server.endpoint}){cap}",
           file=out or sys.stdout, flush=True)
     try:
         server.serve_forever()

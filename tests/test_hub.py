@@ -63,10 +63,11 @@ def test_download_writes_the_standard_cache_layout(hub, commit, cache):
         "files": [
             {"path": "config.json", "local_path": str(cache / f"models--org--model/snapshots/{commit}/config.json"),
              "size": len(CONFIG), "sha256": hashlib.sha256(CONFIG).hexdigest(), "bytes_transferred": len(CONFIG),
-             "resumed_from": 0},
+             "resumed_from": 0, "ranges": 1, "connections": 1, "notes": []},
             {"path": "weights/model.bin",
              "local_path": str(cache / f"models--org--model/snapshots/{commit}/weights/model.bin"),
-             "size": len(BIG), "sha256": BIG_SHA, "bytes_transferred": len(BIG), "resumed_from": 0},
+             "size": len(BIG), "sha256": BIG_SHA, "bytes_transferred": len(BIG), "resumed_from": 0,
+             "ranges": 1, "connections": 1, "notes": []},
         ]}
     pointer = Path(result.files[1].local_path)
     assert os.readlink(pointer) == f"../../../blobs/{BIG_SHA}"
@@ -218,7 +219,8 @@ def test_cli_json_output(hub, commit, cache, run_cli):
     data = json.loads(result.stdout)
     assert (data["repo_id"], data["revision"], data["commit"]) == (REPO, "main", commit)
     assert data["files"][0]["sha256"] == hashlib.sha256(CONFIG).hexdigest()
-    assert sorted(data["files"][0]) == ["bytes_transferred", "local_path", "path", "resumed_from", "sha256", "size"]
+    assert sorted(data["files"][0]) == ["bytes_transferred", "connections", "local_path", "notes", "path", "ranges",
+                                        "resumed_from", "sha256", "size"]
 
 
 def test_branch_moving_between_calls_and_the_lock(root, hub, commit, cache, tmp_path, run_cli):
@@ -362,7 +364,7 @@ def test_kill_9_mid_download_then_resume(hub, cache):
     left = partial.stat().st_size
     assert 0 < left < len(BIG) and not blob(cache).exists()
     hub.faults.clear()
-    wait_for(lambda: hub.stats.in_flight == 0)  # the server gave up the dead connection: its count is final
+    wait_for(lambda: hub.stats.active == 0)  # the server gave up the dead connection: its count is final
     sent_before = hub.stats.bytes_sent
     result = fetch(hub, cache)
     assert result.files[0].resumed_from == left

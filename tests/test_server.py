@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from ckpt_tools.server import HubServer, publish
+from ckpt_tools.errors import UsageError
+from ckpt_tools.server import HubServer, TokenBucket, parse_rate, publish
 
 CONFIG = b'{"model_type": "gpt2", "n_layer": 1}'
 WEIGHTS = bytes(range(256)) * 40  # 10240 bytes, a ".bin" so served as an LFS file
@@ -268,3 +269,60 @@ def test_a_commit_on_top_of_another_is_new_even_with_old_content(tmp_path):
     publish(tmp_path, "org/m", {"w.bin": b"two"})
     back = publish(tmp_path, "org/m", {"w.bin": b"one"})
     assert back != first
+
+
+@pytest.mark.parametrize(("text", "rate"), [("20MB/s", 20e6), ("1.5MiB/s", 1.5 * 2**20), ("500 KB / s", 500e3),
+                                            ("1000", 1000.0), (250_000, 250_000.0), (None, None)])
+def test_rate_limit_is_a_size_per_second(text, rate):
+    assert parse_rate(text) == rate
+
+
+@pytest.mark.parametrize("text", ["fast", "20MB/min", "-1MB/s", 0])
+def test_bad_rate_limit_is_a_usage_error(text):
+    with pytest.raises(UsageError, match="invalid rate"):
+        parse_rate(text)
+
+
+def test_token_bucket_lets_a_burst_through_then_paces():
+    now, slept = [100.0], []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        now[0] += seconds
+
+    bucket = TokenBucket(1_000_000, clock=lambda: now[0], sleep=sleep)
+    assert bucket.burst == 10_000  # a send every 10 ms
+    bucket.take(10_000)
+    assert slept == []  # a full bucket: at once
+    bucket.take(10_000)
+    assert slept == [0.01]  # then 10 ms for 10 kB at 1 MB/s
+    now[0] += 1.0  # idle a second: the bucket refills to one burst, no more
+    bucket.take(10_000)
+    bucket.take(5_000)
+    assert slept == [0.01, 0.005]
+
+
+def test_rate_limited_server_sends_the_same_bytes(root, repo):
+    with HubServer(root, rate_limit="2MB/s") as hub:
+        url = f"{hub.endpoint}/org/tiny/resolve/main/sub/weights.bin"
+        assert requests.get(url, timeout=10).content == WEIGHTS
+        ranged = requests.get(url, headers={"Range": "bytes=100-4099"}, timeout=10)
+        assert (ranged.status_code, ranged.content) == (206, WEIGHTS[100:4100])
+        assert hub.rate_limit == 2e6
+
+
+def test_ckpt_serve_rate_limit_is_announced(root, repo):
+    proc = subprocess.Popen([sys.executable, "-m", "ckpt_tools", "serve", str(root), "--port", "0",
+                             "--rate-limit", "20MB/s"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.endswith("; 20 MB/s per connection\n")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_ckpt_serve_bad_rate_limit_exits_2(root, run_cli):
+    result = run_cli("serve", root, "--rate-limit", "fast")
+    assert result.exit_code == 2
+    assert result.stderr == "error: invalid rate 'fast'; fix: write e.g. 20MB/s, 500KiB/s or bytes per second\n"

@@ -4,8 +4,10 @@ Planning talks to the hub read-only: it pins the revision to one commit (a branc
 resolved once, before any file, and every file comes from that commit), lists the files when none
 are named, and reads each file's metadata (size, ETag = sha256 for LFS files, a CDN redirect). It
 then looks at the cache: a file already there (verified against the lock when one is obeyed) is
-done; a partial file left by an interrupted run is where the transfer resumes. ``ckpt download
---dry-run`` prints this plan; ``execute`` (in ``download.py``) carries it out.
+done; a partial file left by an interrupted run is where the transfer resumes. A file above
+``chunk_size`` is planned in ranges over up to ``connections`` connections (``ranges.py``); at most
+``connections`` requests run at once across all files. ``ckpt download --dry-run`` prints this
+plan; ``execute`` (in ``download.py``) carries it out.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..convert_plan import parse_size
 from ..errors import IntegrityError, UsageError
 from ..fs import COMMIT_RE, SHA256_RE, check_output_name, sha256_file
 from ..http import RetryPolicy, endpoint_url, head_file, host, hub_errors, request_headers, with_retries
 from ..render import human_bytes, markdown_table, rich_table
 from .layout import CacheLayout, LocalDirLayout, default_cache_dir
 from .lockfile import LockFile, read_lock
-from .transfer import Expect
+from .ranges import DEFAULT_CHUNK_SIZE, plan_ranges
+from .transfer import DEFAULT_CONNECTIONS, Expect
 
 HEAD_WORKERS = 8
 
@@ -36,6 +40,8 @@ class PlannedFile:
     url: str | None
     cached: Path | None = None  # the complete, verified local file
     partial_bytes: int = 0  # what a resume starts from
+    ranges: int = 0  # 1: one stream; more: fetched in ranges (0: nothing to fetch)
+    connections: int = 0  # how many connections the ranges still to fetch can use at once
 
     @property
     def action(self) -> str:
@@ -52,6 +58,7 @@ class PlannedFile:
     def to_dict(self) -> dict:
         return {"path": self.path, "size": self.size, "sha256": self.expect.sha256 if self.expect else None,
                 "action": self.action, "partial_bytes": self.partial_bytes, "to_fetch": self.to_fetch,
+                "ranges": self.ranges, "connections": self.connections,
                 "local_path": str(self.cached) if self.cached else None}
 
 
@@ -68,6 +75,8 @@ class DownloadPlan:
     token: str | bool | None = None
     headers: dict = field(default_factory=dict)
     policy: RetryPolicy = field(default_factory=RetryPolicy)
+    connections: int = DEFAULT_CONNECTIONS  # at most this many requests at once, across all files
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # a file above this is fetched in ranges
 
     @property
     def bytes_to_fetch(self) -> int:
@@ -76,13 +85,15 @@ class DownloadPlan:
     def to_dict(self) -> dict:
         return {"repo_id": self.repo_id, "revision": self.revision, "commit": self.commit,
                 "endpoint": self.endpoint, "bytes_to_fetch": self.bytes_to_fetch,
+                "connections": self.connections, "chunk_size": self.chunk_size,
                 "files": [f.to_dict() for f in self.files]}
 
-    _HEADERS = ["path", "size", "action", "to fetch", "sha256"]
+    _HEADERS = ["path", "size", "action", "to fetch", "ranges / conns", "sha256"]
 
     def _rows(self) -> list[list[object]]:
         return [[f.path, "?" if f.size is None else human_bytes(f.size), f.action,
                  "?" if f.to_fetch is None else human_bytes(f.to_fetch),
+                 f"{f.ranges} / {f.connections}" if f.ranges else "-",
                  (f.expect.sha256 or "-")[:16] if f.expect else "(locked)"] for f in self.files]
 
     def _title(self) -> str:
@@ -94,17 +105,22 @@ class DownloadPlan:
         return f"**{self._title()}**\n\n" + markdown_table(self._HEADERS, self._rows())
 
     def rich_table(self):
-        return rich_table(self._title(), self._HEADERS, self._rows(), justify_right=("size", "to fetch"))
+        return rich_table(self._title(), self._HEADERS, self._rows(),
+                          justify_right=("size", "to fetch", "ranges / conns"))
 
 
 def plan_download(repo_id: str, filenames: Sequence[str] = (), *, revision: str = "main",
                   cache_dir: str | Path | None = None, local_dir: str | Path | None = None,
                   endpoint: str | None = None, token: str | bool | None = None, lock: str | Path | None = None,
-                  locked: bool = False, retry: RetryPolicy | None = None) -> DownloadPlan:
+                  locked: bool = False, retry: RetryPolicy | None = None, connections: int = DEFAULT_CONNECTIONS,
+                  chunk_size: int | str = DEFAULT_CHUNK_SIZE) -> DownloadPlan:
     """The plan for ``download``; nothing is written. See the module docstring."""
     if cache_dir is not None and local_dir is not None:
         raise UsageError("pass --cache-dir or --local-dir, not both",
                          fix="--local-dir writes plain files; --cache-dir the hub cache layout")
+    if connections < 1:
+        raise UsageError(f"--connections must be at least 1, not {connections}",
+                         fix="pass 1 for one stream per file, more to fetch big files in parallel ranges")
     lockfile = read_lock(lock, locked, repo_id)
     if lock is not None and not locked:
         check_output_name(lock, "JSON")
@@ -112,7 +128,8 @@ def plan_download(repo_id: str, filenames: Sequence[str] = (), *, revision: str 
               else CacheLayout(Path(cache_dir) if cache_dir else default_cache_dir(), repo_id))
     plan = DownloadPlan(repo_id, revision, "", endpoint_url(endpoint), layout, lock=lockfile,
                         lock_path=None if locked or lock is None else str(lock), token=token,
-                        headers=request_headers(token), policy=retry or RetryPolicy())
+                        headers=request_headers(token), policy=retry or RetryPolicy(), connections=connections,
+                        chunk_size=parse_size(chunk_size))
     requested = list(dict.fromkeys(filenames))
     metas: dict[str, object] = {}
     if lockfile is not None:
@@ -176,10 +193,10 @@ def _plan_file(plan: DownloadPlan, path: str, meta=None) -> PlannedFile:
     planned = PlannedFile(path, expect.size, expect, _download_url(plan, path, meta))
     if plan.layout.has(path, expect.etag, expect.size):
         planned.cached = plan.layout.final(path, expect.etag)
-    else:
-        partial = plan.layout.partial(path, expect.etag)
-        size = partial.stat().st_size if partial.is_file() else 0
-        planned.partial_bytes = size if expect.size is None or size <= expect.size else 0
+        return planned
+    partial = plan.layout.partial(path, expect.etag)
+    planned.partial_bytes, planned.ranges, planned.connections = plan_ranges(partial, expect, plan.chunk_size,
+                                                                             plan.connections)
     return planned
 
 

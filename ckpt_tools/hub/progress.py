@@ -1,4 +1,5 @@
-"""Download progress: a rich bar on stderr, only on a terminal unless asked for."""
+"""Download progress: a rich bar on stderr, only on a terminal unless asked for; one row per file,
+whatever the number of connections it uses (so its rate is the file's aggregate rate)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,14 @@ class Progress:
     def advance(self, task, n: int) -> None:
         if self._bar is not None:
             self._bar.advance(task, n)
+
+    def remove(self, task) -> None:
+        if self._bar is not None:
+            self._bar.remove_task(task)
+
+    def note(self, text: str) -> None:
+        """A line on stderr (above the bar when there is one), whether or not the bar is shown."""
+        if self._bar is not None:
+            self._bar.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=sys.stderr, flush=True)
