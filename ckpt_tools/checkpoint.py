@@ -99,6 +99,12 @@ class Checkpoint:
     def _load_tensor(self, key: str):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def check_stored_sums(self) -> int:
+        """Check the bytes against checksums the file stores for them (a torch zip's CRC-32 per
+        storage record), raising InvalidCheckpointError on the first that fails; the number checked. Most
+        formats store none: 0."""
+        return 0
+
     # -- lifetime --
     def close(self) -> None:
         pass

@@ -137,10 +137,6 @@ def emit(report) -> None:
     else:
         render(report, fmt, stream=stream)
     if output:
-        check_output_name(output, OUTPUT_KINDS[fmt])
-        if not Path(output).parent.is_dir():
-            raise UsageError("the output's folder does not exist", path=output,
-                             fix=f"create it first (mkdir -p {Path(output).parent})")
         atomic_write(Path(output), stream.getvalue().encode("utf-8"))
         click.echo(f"wrote {output}", err=True)
 
@@ -152,8 +148,20 @@ class CkptCommand(click.Command):
 
     def invoke(self, ctx):
         ctx.meta[STDOUT_KEY] = sys.stdout
+        _check_report_output(ctx)  # before the work: a bad --output must not come after a written result
         with contextlib.redirect_stdout(sys.stderr):
             return super().invoke(ctx)
+
+
+def _check_report_output(ctx) -> None:
+    """``--output FILE`` names a file of the ``--format``'s kind in a folder that exists."""
+    output = ctx.meta.get(OUTPUT_KEY)
+    if not output:
+        return
+    check_output_name(output, OUTPUT_KINDS[ctx.meta.get(FORMAT_KEY, "table")])
+    if not Path(output).parent.is_dir():
+        raise UsageError("the output's folder does not exist", path=output,
+                         fix=f"create it first (mkdir -p {Path(output).parent})")
 
 
 class CkptGroup(click.Group):
@@ -272,7 +280,8 @@ def remap(src: str, dst: str, force: bool, select: str | None, inert: bool, **kw
               help="Write the non-tensor entries (epoch, config...) that are JSON-able to FILE.")
 @click.option("--auto-remap", is_flag=True,
               help="Also apply the remap rules inferred against --model or --against (the result names them).")
-@click.option("--model", "model", metavar="PRESET", help="With --auto-remap: the model the names must fit.")
+@click.option("--model", "model", metavar="TARGET",
+              help="With --auto-remap: the model the names must fit (any target `ckpt diff --model` takes).")
 @click.option("--against", metavar="SOURCE2", help="With --auto-remap: a checkpoint whose names to fit.")
 @reader_options
 @format_option
@@ -294,6 +303,10 @@ def convert(src: str, dst: str, dtype: str | None, max_shard_size: str | None, v
     """
     options = {"rules": rules_from_options(kwargs), "dtype": dtype, "max_shard_size": max_shard_size,
                "verify": verify, "force": force, "extras_path": extras_path, "select": select, "inert": inert}
+    if auto_remap and not (model or against):
+        raise UsageError("--auto-remap fits the names to a model or a checkpoint, and none was given",
+                         fix=f"add --model TARGET or --against SOURCE2, e.g. ckpt convert {src} {dst} --auto-remap "
+                             "--model openflamingo-3b-vitl-mpt1b")
     if auto_remap:
         result = convert_fitting(src, dst, target_from_options(model, None, against), **options)
     elif model or against:
@@ -484,7 +497,8 @@ def download(repo_id, files, revision, lock, locked, cache_dir, local_dir, endpo
 @cli.command()
 @click.argument("folder", metavar="DIR", type=click.Path(exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
-@click.option("--port", default=8080, show_default=True, type=int, help="Port (0 picks a free one).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
+              help="Port (0 picks a free one).")
 @click.option("--rate-limit", metavar="RATE",
               help="Cap each connection's throughput, e.g. 20MB/s: a link where one stream is the bottleneck.")
 def serve(folder, host, port, rate_limit):

@@ -32,7 +32,7 @@ from .convert_plan import (
     Planned,
     plan_conversion,
 )
-from .errors import IntegrityError, InvalidCheckpointError, OutputExistsError, UsageError
+from .errors import CkptError, IntegrityError, InvalidCheckpointError, OutputExistsError, UsageError
 from .formats import open_checkpoint
 from .formats.safetensors import parse_header
 from .fs import AtomicFile, AtomicFolder, check_output_name, check_outputs, disk_full_as_error, ranges_equal
@@ -153,6 +153,8 @@ def convert_to_safetensors(src: str | Path, dst: str | Path, *, rules=None,
     rules = coerce_rules(rules)
     with open_checkpoint(src, select=select, inert=inert) as checkpoint:
         _check_selection(checkpoint)
+        if verify:  # a damaged source is refused before anything is written
+            checkpoint.check_stored_sums()
         plan = plan_conversion(checkpoint.metas(), checkpoint.aliases, rules, dst, dtype=dtype,
                                max_shard_size=max_shard_size, source=str(src))
         extras_file = Path(extras_path) if extras_path else None
@@ -161,7 +163,7 @@ def convert_to_safetensors(src: str | Path, dst: str | Path, *, rules=None,
         destination = plan.destination
         _check_destination(destination, plan.outputs + [p for p in (destination.index, extras_file) if p],
                            checkpoint.files, force)
-        metadata = _provenance(src, checkpoint, rules, plan.aliases)
+        metadata = _provenance(src, checkpoint, rules, plan.aliases, plan.dtype)
         writer = _ShardWriter(checkpoint, destination, verify)
         with disk_full_as_error(dst, plan.bytes):
             bytes_written, verified = writer.write(plan.shards, plan.outputs, metadata, plan.aliases)
@@ -198,15 +200,19 @@ def _check_selection(checkpoint: Checkpoint) -> None:
                                     f"or --select {checkpoint.wrapper or '.'} to keep this choice")
 
 
-def _provenance(src: str | Path, checkpoint, rules: Sequence[Rule] | None, aliases: dict[str, str]) -> dict[str, str]:
+def _provenance(src: str | Path, checkpoint, rules: Sequence[Rule] | None, aliases: dict[str, str],
+                dtype: str | None = None) -> dict[str, str]:
     """Source metadata (single safetensors files) overlaid with where the output came from.
-    ``source_size`` counts the files read: the source file, or an index and its shards."""
+    ``source_size`` counts the files read: the source file, or an index and its shards; ``dtype``
+    the cast applied to floating tensors, so a reader knows the values are not the source's."""
     size = sum(p.stat().st_size for p in checkpoint.files)
     inherited = dict(checkpoint.metadata) if checkpoint.format == "safetensors" else {}
     metadata = {**inherited, "format": "pt", "ckpt_tools.version": VERSION,
                 "ckpt_tools.source": Path(str(src).rstrip("/")).name or str(src),
                 "ckpt_tools.source_size": str(size),
                 "ckpt_tools.remap": rules_to_json(rules)}
+    if dtype:
+        metadata["ckpt_tools.dtype"] = dtype
     if aliases:
         metadata[ALIASES_KEY] = json.dumps(aliases, separators=(",", ":"))
     return metadata
@@ -245,7 +251,10 @@ class _ShardWriter:
                 copied = {item.meta.name: self._unchanged(item) for item in shard}
                 copied = {name: found for name, found in copied.items() if found is not None}
                 entries = [(item.meta, self._loader(item, copied.get(item.meta.name))) for item in shard]
-                total += write_safetensors(handle, entries, self._shard_metadata(metadata, shard, aliases))
+                try:
+                    total += write_safetensors(handle, entries, self._shard_metadata(metadata, shard, aliases))
+                except CkptError as exc:  # the writer knows the key; the file it came from is ours to name
+                    raise exc.located(self.checkpoint.source) from None
                 if self.verify:
                     verified += verify_file(handle.path, shard, self.checkpoint, str(self._shown(out)), copied)
             total += self._write_index(shards, outputs, metadata, pending)

@@ -34,7 +34,7 @@ from .fs import atomic_write
 from .html import render_html
 from .hub import download
 from .presets import get_preset
-from .render import markdown_table, rich_table
+from .render import markdown_table, plural, rich_table
 from .server import publish
 from .validation import validate
 from .version import VERSION
@@ -62,6 +62,13 @@ class DemoReport:
     kept: str | None = None
     report_html: str | None = None  # the validation's HTML page, when the files are kept
 
+    def where_line(self) -> str:
+        """Where the files named above are: kept, or gone with the temporary folder."""
+        if self.kept:
+            return f"report: {self.report_html} (open it in a browser); every file is kept in {self.kept}"
+        return ("the ckpt-demo-* paths above were in a temporary folder, removed now; "
+                "`ckpt demo --keep DIR` keeps the files and writes DIR/report.html")
+
     @property
     def verdict(self) -> str:
         good = all(s.ok for s in self.steps) and self.validation is not None and self.validation.ok
@@ -86,8 +93,7 @@ class DemoReport:
                                        [s.row() for s in self.steps])]
         if self.validation is not None:
             parts += [Text(""), self.validation.rich_table()]
-        if self.report_html:
-            parts.append(Text(f"report: {self.report_html} (open it in a browser)"))
+        parts.append(Text(self.where_line()))
         parts.append(Text(f"demo verdict: {self.verdict.upper()}", style="bold green" if self.ok else "bold red"))
         return Group(*parts)
 
@@ -96,8 +102,7 @@ class DemoReport:
         text += markdown_table(["step", "", "time", "what happened"], [s.row() for s in self.steps]) + "\n"
         if self.validation is not None:
             text += "\n" + self.validation.to_markdown()
-        if self.report_html:
-            text += f"\nreport: `{self.report_html}` (open it in a browser)\n"
+        text += f"\n{self.where_line()}\n"
         return text
 
 
@@ -205,7 +210,7 @@ def run_demo(*, preset: str = DEFAULT_PRESET, keep: str | Path | None = None, se
             report.steps.append(DemoStep("serve", f"`ckpt serve` answering at {endpoint}", 0.0))
             with steps.step("fetch LM") as note:
                 lm = download(kit.lm_repo_id, revision="main", cache_dir=cache, endpoint=endpoint)
-                note["detail"] = (f"{kit.lm_repo_id} pinned to {lm.commit[:7]}: {len(lm.files)} files, "
+                note["detail"] = (f"{kit.lm_repo_id} pinned to {lm.commit[:7]}: {plural(len(lm.files), 'file')}, "
                                   "sha256-verified")
             config = work / "model.json"
             # paths relative to the config's folder, so a kept copy (--keep) still points at kept files

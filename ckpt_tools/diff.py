@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 from .checkpoint import Checkpoint
 from .errors import RemapError, UsageError
 from .formats import open_checkpoint
-from .infer import Inference, infer_rules, rule_flags
+from .infer import Inference, flag_words, infer_rules, rule_flags
 from .meta import TensorMeta
 from .naming import collapse, format_numbers, module_prefix
 from .presets import ModelPreset, get_preset
@@ -44,6 +45,8 @@ COUNT_NAMES = ("matched", "dtype_mismatch", "shape_mismatch", "unexpected", "mis
 FAILING_KINDS = frozenset({"shape_mismatch", "missing_unexpected", "unexpected", "load", "value_check",
                            "value_change"})
 LOADABLE = frozenset({"matched", "dtype_mismatch"})
+# failing problems that are about values or the load, not keys, as the summary line counts them
+OTHER_FAILURES = {"value_change": "value change", "value_check": "failed value check", "load": "load problem"}
 
 # Module renames made by libraries between releases: (old segment, new segment, why).
 KNOWN_RENAMES: tuple[tuple[str, str, str], ...] = (
@@ -207,6 +210,10 @@ class KeyReport:
             parts.append(f"{len(self.duplicates)} checkpoint duplicates counted once")
         if self.ignored:
             parts.append(f"{len(self.ignored)} ignored (the model re-creates them)")
+        for kind, what in OTHER_FAILURES.items():  # failures that are not key counts
+            n = sum(1 for p in self.problems if p.kind == kind)
+            if n:
+                parts.append(plural(n, what))
         return ", ".join(parts)
 
     def verdict_line(self) -> str:
@@ -444,9 +451,35 @@ def compare(ck: Side, target: Side, *, remap=None, expect_missing: Sequence[str]
         return report
     with_rules = _compare(ck, target, user_rules + inference.rules, preset_rules, expect_missing, require)
     checked = {"verdict": with_rules.verdict, "counts": with_rules.counts, "summary": with_rules.summary_line()}
+    if with_rules.ok and not auto_remap:
+        _point_at_inferred(report, with_rules, inference.rules)
     chosen = with_rules if auto_remap else report
     chosen.inference, chosen.with_inferred, chosen.auto_remapped = inference, checked, auto_remap
     return chosen
+
+
+GUESSED_HINTS = ("prefix", "rename", "layers")  # guesses from names alone; a preset's hints are knowledge
+INFERRED_FIX = "apply the inferred rules: --auto-remap (or --write-rules FILE to keep them)"
+
+
+def _point_at_inferred(report: KeyReport, with_rules: KeyReport, rules: Sequence[Rule]) -> None:
+    """When the inferred rules make the checkpoint fit, they are the fix: each problem they solve
+    points at them (unless its fix already says exactly them), and guesses from names alone that
+    say something else (a prefix that lands layers one index off, "build the model with layers
+    1..4") are dropped rather than shown beside a fix that contradicts them."""
+    inferred = flag_words(rules)
+
+    def same(fix: str | None) -> bool:
+        try:
+            return bool(fix) and shlex.split(fix) == inferred
+        except ValueError:
+            return False
+
+    remaining = {p.key for p in with_rules.problems}
+    for problem in report.problems:
+        if problem.key not in remaining and not same(problem.fix):
+            problem.fix = INFERRED_FIX
+    report.hints = [h for h in report.hints if h.get("kind") not in GUESSED_HINTS or same(h.get("fix"))]
 
 
 def _compare(ck: Side, target: Side, user_rules: list[Rule], preset_rules: list[Rule],

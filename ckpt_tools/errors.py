@@ -34,6 +34,13 @@ class CkptError(Exception):
             line += f"; fix: {self.fix}"
         return line.replace("\n", " ")
 
+    def located(self, path) -> CkptError:
+        """This error, naming ``path`` when it names no file yet (raised by code that knew only a key)."""
+        if self.path is None:
+            self.path = str(path)
+            self.args = (self.one_line(),)
+        return self
+
     def __str__(self) -> str:
         return self.one_line()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from .convert import ConversionResult, convert_to_safetensors
 from .diff import diff_keys
 from .remap import coerce_rules
+from .render import plural
 
 
 def convert_fitting(src: str | Path, dst: str | Path, target, *, rules=None, select: str | None = None,
@@ -25,6 +26,6 @@ def convert_fitting(src: str | Path, dst: str | Path, target, *, rules=None, sel
     result = convert_to_safetensors(src, dst, rules=rules + inferred, select=select, inert=inert,
                                     **convert_options)
     result.inferred_rules = [rule.to_dict() for rule in inferred]
-    result.notes.append(f"applied {len(inferred)} remap rules inferred against {report.target}" if inferred
+    result.notes.append(f"applied {plural(len(inferred), 'remap rule')} inferred against {report.target}" if inferred
                         else f"no remap rule inferred against {report.target}: converted with the given rules")
     return result

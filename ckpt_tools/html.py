@@ -67,6 +67,7 @@ FLAT_TENSORS = 24
 # Problems shown per group before the rest folds into "N more".
 GROUP_PREVIEW = 20
 # Flags a fix may suggest -> the rules-file key of the same rule (see ckpt_tools.remap).
+VALUE_KINDS = ("value_change", "value_check")  # problems about values, not keys
 RULE_FLAGS = {"--strip-prefix": "strip_prefix", "--add-prefix": "add_prefix", "--rename": "rename",
               "--drop": "drop", "--keep": "keep", "--preset": "preset"}
 
@@ -368,7 +369,7 @@ def rules_file(fix: str) -> str | None:
         return None
     if not words or len(words) % 2:
         return None
-    lines = []
+    rules = []
     for flag, value in zip(words[::2], words[1::2], strict=True):
         key = RULE_FLAGS.get(flag)
         if key is None:
@@ -377,10 +378,49 @@ def rules_file(fix: str) -> str | None:
             regex, sep, repl = value.rpartition("=")
             if not sep or not regex:
                 return None
-            lines.append(f"[[rule]]\nrename = [{_toml_str(regex)}, {_toml_str(repl)}]")
+            rules.append({"rename": [regex, repl]})
         else:
-            lines.append(f"[[rule]]\n{key} = {_toml_str(value)}")
+            rules.append({key: value})
+    return rules_toml(rules)
+
+
+def rules_toml(rules: Sequence[Mapping]) -> str:
+    """A rules file (TOML) of rules in their dict form (``{"rename": [regex, repl]}``)."""
+    lines = []
+    for rule in rules:
+        for key, value in rule.items():
+            if isinstance(value, list | tuple):
+                lines.append(f"[[rule]]\n{key} = [{', '.join(_toml_str(str(v)) for v in value)}]")
+            else:
+                lines.append(f"[[rule]]\n{key} = {_toml_str(str(value))}")
     return "\n".join(lines) + "\n"
+
+
+def _rule_text(rule: Mapping) -> str:
+    """A rule as the flag that gives it: ``--rename '^a\\.=b.'``."""
+    flags = {key: flag for flag, key in RULE_FLAGS.items()}
+    return " ".join(f"{flags.get(key, key)} {shlex.quote('='.join(value) if isinstance(value, list) else str(value))}"
+                    for key, value in rule.items() if key != "maps")
+
+
+def inferred_html(diff: Mapping, command_line: str) -> str:
+    """The remap rules inferred when keys did not match: what they map, what the checkpoint gets
+    with them, and buttons to copy them as a rules file or as the command that applies them."""
+    rules = diff.get("inferred_rules") or []
+    if not rules:
+        return ""
+    with_rules = (diff.get("inference") or {}).get("with_rules") or {}
+    if diff.get("auto_remap"):
+        line = f"Applied (--auto-remap): the report above is the checkpoint with these {len(rules):,} rules."
+    else:
+        line = (f"With these rules: {str(with_rules.get('verdict', '')).upper()} ({with_rules.get('summary', '')}). "
+                "They are not applied: pass --auto-remap, or keep them with --write-rules FILE.")
+    rows = [[f"<code>{esc(_rule_text(r))}</code>", f"{int(r.get('maps') or 0):,}"] for r in rules]
+    plain = [{k: v for k, v in r.items() if k != "maps"} for r in rules]
+    buttons = copy_button(rules_toml(plain), "Copy rules file")
+    if not diff.get("auto_remap"):
+        buttons += " " + copy_button(f"{command_line} --auto-remap".strip(), "Copy command")
+    return f"<p>{esc(line)}</p>{_table(['rule', 'keys it maps'], rows, 'pt')}<p>{buttons}</p>"
 
 
 def _toml_str(text: str) -> str:
@@ -474,7 +514,13 @@ def _fail_reasons(kind: str, data: Mapping) -> list[str]:
     out = []
     if diff.get("verdict") == "fail":
         failing = [p for p in diff.get("problems") or () if p.get("kind") != "dtype_mismatch"]
-        out.append(f"the key check failed: {len(failing):,} problems below")
+        about_values = [p for p in failing if p.get("kind") in VALUE_KINDS]
+        if len(about_values) < len(failing):
+            n = len(failing) - len(about_values)
+            out.append(f"the key check failed: {n:,} problem{'' if n == 1 else 's'} below")
+        if about_values:
+            n = len(about_values)
+            out.append(f"the values failed: {n:,} problem{'' if n == 1 else 's'} below")
     if data.get("stopped"):
         out.append(f"stopped: {data['stopped']}")
     if load.get("refused"):
@@ -604,6 +650,7 @@ def _body(kind: str, data: Mapping, command_line: str, tool_version: str, title:
         parts.append(_section("Problems", problems_html(diff.get("problems") or (), command_line), "problems"))
         if diff.get("hints"):
             parts.append(_section("Hints", hints_html(diff["hints"], command_line), "hints"))
+        parts.append(_section("Inferred remap rules", inferred_html(diff, command_line), "inferred"))
         parts.append(_section("Load", load_html(data), "load"))
         if data.get("provenance"):
             parts.append(_section("Where every weight came from", provenance_html(data["provenance"]),

@@ -15,6 +15,7 @@ import contextlib
 import io
 import os
 import random
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
-from .errors import HubError
+from .errors import HubError, foreign_message
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 BLOCK_SIZE = 64 * 1024
@@ -80,8 +81,34 @@ def transient_status(response) -> Transient | None:
     return None
 
 
+def _name_not_resolved(exc: BaseException) -> bool:
+    """Whether a host name lookup failed somewhere down the error's chain (requests, urllib3 and
+    httpx each wrap the socket.gaierror their own way)."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        current = todo.pop()
+        if not isinstance(current, BaseException) or id(current) in seen or len(seen) > 32:
+            continue
+        seen.add(id(current))
+        if isinstance(current, socket.gaierror) or type(current).__name__ == "NameResolutionError":
+            return True
+        todo += [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+    return False
+
+
+def _requested_host(exc: BaseException) -> str | None:
+    """The host a failed request went to, when the error kept the request (requests and httpx do)."""
+    try:
+        url = exc.request.url  # httpx raises RuntimeError when the error carries no request
+    except (AttributeError, RuntimeError):
+        return None
+    return urlsplit(str(url)).hostname
+
+
 def as_transient(exc: BaseException) -> Transient | None:
-    """The retryable view of an error, or None when retrying cannot help."""
+    """The retryable view of an error, or None when retrying cannot help. A host name that does
+    not resolve is raised at once as a HubError: retrying a typo in HF_ENDPOINT only wastes time."""
     import httpx2
     import requests
     import urllib3
@@ -89,6 +116,11 @@ def as_transient(exc: BaseException) -> Transient | None:
 
     if isinstance(exc, Transient):
         return exc
+    if _name_not_resolved(exc):
+        raise HubError(f"cannot resolve the host name {_requested_host(exc) or 'of the hub'!r} "
+                       f"({foreign_message(exc)})",
+                       fix="check the network, and HF_ENDPOINT or --endpoint (a `ckpt serve` mirror is "
+                           "http://127.0.0.1:PORT)") from exc
     if isinstance(exc, OfflineModeIsEnabled):  # a setting, not a flaky network: retrying cannot help
         return None
     if isinstance(exc, HfHubHTTPError) and exc.response is not None:
@@ -158,10 +190,10 @@ def hub_errors(repo_id: str, path: str | None, revision: str) -> Iterator[None]:
                        fix="check the repo id, HF_ENDPOINT and HF_TOKEN") from None
     except RevisionNotFoundError:
         raise HubError(f"revision {revision!r} not found", path=repo_id,
-                       fix="pass an existing branch, tag or full commit sha with --revision") from None
+                       fix="pass an existing branch, tag or full commit sha (--revision REV, or hf://ORG/NAME@REV)") from None
     except EntryNotFoundError:
         raise HubError(f"no file {path!r} at revision {revision!r}", path=repo_id, key=path,
-                       fix="list the repo's files, or check --revision") from None
+                       fix=f"list the repo's files (ckpt download {repo_id} --dry-run), or check the revision") from None
 
 
 def head_file(repo_id: str, path: str, revision: str, *, endpoint: str, token: str | bool | None,

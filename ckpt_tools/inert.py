@@ -59,6 +59,7 @@ from typing import BinaryIO
 
 from .errors import InvalidCheckpointError, UnsafePickleError, UnsupportedFormatError, foreign_message
 from .meta import DTYPES, torch_dtype
+from .zip_members import read_member, written_without_crcs
 
 _BAD_FILE = "the file is damaged: download or save it again"
 MAX_PICKLE_BYTES = 256 * 1024 * 1024  # a checkpoint's pickle is KBs to a few MBs; tensors live elsewhere
@@ -601,6 +602,9 @@ class Contents:
     spans: dict[str, tuple[int, int]]  # storage key -> (offset of its first byte in the file, or -1; nbytes)
     uses: dict[str, GlobalUse]
     notes: list[str] = field(default_factory=list)
+    # storage key -> (offset of its record's data, the record's size, its CRC-32), zip files that
+    # recorded CRCs only
+    records: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     @property
     def hostile(self) -> list[str]:
@@ -724,13 +728,13 @@ def read_zip(fileobj: BinaryIO, source: str, *, locate: bool = True, inert: bool
             infos = {i.filename: i for i in archive.infolist()}
             prefix = _archive_prefix(list(infos), source)
             byteorder = infos.get(prefix + "byteorder")
-            if byteorder is not None and archive.read(byteorder).strip() not in (b"little", b""):
+            if byteorder is not None and read_member(archive, byteorder).strip() not in (b"little", b""):
                 raise UnsupportedFormatError("a big-endian torch file", path=source,
                                              fix="re-save it on a little-endian machine")
             info = infos[prefix + "data.pkl"]
             if info.file_size > MAX_PICKLE_BYTES:
                 raise _damaged(source, f"data.pkl is {info.file_size} bytes, more than a checkpoint's pickle holds")
-            data = archive.read(info)
+            data = read_member(archive, info)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, struct.error, EOFError, OSError, ValueError,
             NotImplementedError) as exc:
         if isinstance(exc, InvalidCheckpointError | UnsupportedFormatError):
@@ -745,7 +749,8 @@ def read_zip(fileobj: BinaryIO, source: str, *, locate: bool = True, inert: bool
         _check_hostile(uses, source, inert, notes)
         raise
     _check_hostile(uses, source, inert, notes)
-    spans = {}
+    spans, records = {}, {}
+    crc_checked = not written_without_crcs(list(infos.values()))
     for key, ref in storages.roots.items():
         record = infos.get(f"{prefix}data/{key}")
         if record is None:
@@ -756,7 +761,9 @@ def read_zip(fileobj: BinaryIO, source: str, *, locate: bool = True, inert: bool
             raise _damaged(source, f"the record of storage '{key}' holds {record.file_size} bytes, "
                                    f"its tensors need {ref.nbytes}")
         spans[key] = (_data_offset(fileobj, record, source) if locate else -1, ref.nbytes)
-    return Contents("torch-zip", root, {**storages.roots, **storages.refs}, spans, uses, notes)
+        if crc_checked:
+            records[key] = (spans[key][0], record.file_size, record.CRC)
+    return Contents("torch-zip", root, {**storages.roots, **storages.refs}, spans, uses, notes, records)
 
 
 # ---------------------------------------------------------------------------------------------

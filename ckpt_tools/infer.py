@@ -47,6 +47,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,7 @@ from typing import Any
 from .errors import RemapError
 from .meta import TensorMeta
 from .remap import Rule, apply_remap
+from .render import rich_table
 
 ORIGIN = "inferred"
 # A pair whose names differ in more runs than this is no rename, just two tensors of one shape.
@@ -142,23 +144,15 @@ class Inference:
     def rules_table(self):
         """The rules (as the flags that say them, with the keys each maps) and the ambiguous pairings."""
         from rich.console import Group
-        from rich.table import Table
 
         parts: list[Any] = []
         if self.rules:
-            table = Table(title="inferred rules", title_justify="left")
-            table.add_column("rule", overflow="fold")
-            table.add_column("maps", justify="right")
-            for rule, n in zip(self.rules, self.maps, strict=True):
-                table.add_row(_rule_text(rule), str(n))
-            parts.append(table)
+            parts.append(rich_table("inferred rules", ["rule", "maps"],
+                                    [[_rule_text(rule), n] for rule, n in zip(self.rules, self.maps, strict=True)],
+                                    justify_right=("maps",)))
         if self.ambiguous:
-            table = Table(title="ambiguous pairings", title_justify="left")
-            table.add_column("key", overflow="fold")
-            table.add_column("candidates", overflow="fold")
-            for a in self.ambiguous:
-                table.add_row(a["key"], ", ".join(a["candidates"]))
-            parts.append(table)
+            parts.append(rich_table("ambiguous pairings", ["key", "candidates"],
+                                    [[a["key"], ", ".join(a["candidates"])] for a in self.ambiguous]))
         return Group(*parts)
 
 
@@ -167,6 +161,11 @@ def rule_flags(rules: Sequence[Rule], maps: Sequence[int] | None = None) -> str:
     counts = maps if maps is not None else [None] * len(rules)
     return "; ".join(_rule_text(r) + ("" if n is None else f" ({n} key{'s' if n != 1 else ''})")
                      for r, n in zip(rules, counts, strict=True))
+
+
+def flag_words(rules: Sequence[Rule]) -> list[str]:
+    """Rules as command-line words (``["--strip-prefix", "model."]``), to compare with a fix's."""
+    return [word for rule in rules for word in shlex.split(_rule_text(rule))]
 
 
 def _rule_text(rule: Rule) -> str:

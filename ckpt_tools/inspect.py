@@ -104,7 +104,9 @@ class InspectReport:
         if self.bytes_read is not None:
             lines.append(f"bytes read to list it: {self.bytes_read:,}")
         lines += [f"aliases: {' = '.join(group)}" for group in self.aliases]
-        lines += [f"extra: {name} ({kind})" for name, kind in self.extras.items()]
+        state_dicts = {a["select"] for a in (self.selection or {}).get("alternatives", ())}
+        # another state dict is an entry beside the selection too, but its own note says more
+        lines += [f"extra: {name} ({kind})" for name, kind in self.extras.items() if name not in state_dicts]
         lines += [f"metadata: {k} = {v[:120]}" for k, v in self.metadata.items()]
         lines += [f"note: {note}" for note in self.notes]
         return lines

@@ -124,7 +124,7 @@ def _load(model, ckpt, report: KeyReport, preset, *, device: str | None, verify:
         "bytes": nbytes,
         "cast": sum(1 for e in entries if e.status == "dtype_mismatch"),
         "skipped": [e.name for e in report.entries if e.status == "shape_mismatch"],
-        "verified": bool(verify and not mismatched and not checks),
+        "verified": bool(verify and entries and not mismatched and not checks),  # nothing loaded: nothing landed
         "compared": len(entries) if verify else 0,
         "mismatched": mismatched,
         "checks": checks,

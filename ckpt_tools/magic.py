@@ -8,6 +8,7 @@ appended is a pickle, and so it is here.
 
 from __future__ import annotations
 
+import pickle
 import pickletools
 import struct
 
@@ -29,6 +30,13 @@ def is_safetensors(head: bytes) -> bool:
 
 
 def is_pickle(head: bytes) -> bool:
+    """A pickle of protocol 2 or later: the PROTO opcode, then its version."""
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= pickle.HIGHEST_PROTOCOL
+
+
+def may_be_old_pickle(head: bytes) -> bool:
+    """Protocol 0/1 pickles have no header; a file starting with an opcode might be one (a text
+    file might too): only walking it to its STOP tells."""
     return bool(head) and head[:1].decode("latin-1") in pickletools.code2op
 
 

@@ -107,6 +107,16 @@ def _preset_factories() -> set[str]:
     return {str(p.info["factory"]) for p in presets.values() if p.info and p.info.get("factory")}
 
 
+def _import_fix(module_name: str, exc: Exception) -> str:
+    """A module file in the current folder is not found because the ``ckpt`` command, unlike
+    ``python``, does not put the current folder on sys.path: say so when that is the case."""
+    local = Path(*module_name.split(".")).with_suffix(".py")
+    if isinstance(exc, ModuleNotFoundError) and (local.is_file() or local.with_suffix("").is_dir()):
+        return f"{local} is in this folder, which ckpt does not search: run it as PYTHONPATH=. ckpt ..."
+    return ("check the factory's module:attribute path; a module of yours needs its folder on PYTHONPATH "
+            "(PYTHONPATH=. ckpt ...), a package must be installed")
+
+
 def _import(spec: str, config_path: str | None) -> Callable[..., Any]:
     module_name, _, attr = spec.partition(":")
     try:
@@ -115,7 +125,7 @@ def _import(spec: str, config_path: str | None) -> Callable[..., Any]:
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
         raise UsageError(f"cannot import model factory {spec!r}: {foreign_message(exc)}", path=config_path,
-                         fix="check the factory's module:attribute path and that its package is installed") from None
+                         fix=_import_fix(module_name, exc)) from None
     return obj
 
 

@@ -37,7 +37,8 @@ from typing import BinaryIO
 
 from .errors import CkptError, InvalidCheckpointError, foreign_message
 from .magic import HEAD_BYTES, detect
-from .render import markdown_table, rich_table
+from .render import markdown_table, plural, rich_table
+from .zip_members import open_member, written_without_crcs
 
 # torch.serialization's magic number: the first of the pickles in a legacy (non-zip) file.
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -130,7 +131,7 @@ class ScanReport:
             return f"{self.source}: safe, no pickle: nothing to scan ({self.format})"
         counted = f"{len(self.pickles)} pickle{'s' if len(self.pickles) != 1 else ''}"
         if self.verdict == "safe":
-            return (f"{self.source}: safe ({counted}, {len(self.globals)} globals, all on the weights-only "
+            return (f"{self.source}: safe ({counted}, {plural(len(self.globals), 'global')}, all on the weights-only "
                     "allow-list)")
         return f"{self.source}: UNSAFE, imports or calls {', '.join(self.offenders)} ({counted} walked)"
 
@@ -511,9 +512,10 @@ def check_zip_records(fileobj_or_path: str | os.PathLike | BinaryIO, source: str
             _refuse_bombs(infos, source)
             for info in infos:
                 _check_flags(info, source)
+            checked = not written_without_crcs(infos)
             for info in infos:
                 if info.filename.endswith(".pkl"):
-                    _check_local_header(archive.fp, info, source)
+                    _check_local_header(archive.fp, info, source, checked)
     except CkptError:
         raise
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error):
@@ -531,9 +533,9 @@ def _check_flags(info: zipfile.ZipInfo, source: str) -> None:
                 "and a scanner cannot read the same way", path=source, fix=BAD_FILE)
 
 
-def _check_local_header(handle: BinaryIO, info: zipfile.ZipInfo, source: str) -> None:
+def _check_local_header(handle: BinaryIO, info: zipfile.ZipInfo, source: str, crc_checked: bool) -> None:
     """The local header of a pickle record says what the central directory says, and its bytes
-    have the CRC the directory promises."""
+    have the CRC the directory promises (``crc_checked``: unless the archive recorded none)."""
     handle.seek(info.header_offset)
     (signature, _version, flags, method, _time, _date, crc, compressed, size, name_len,
      extra_len) = _LOCAL_HEADER.unpack(handle.read(_LOCAL_HEADER.size))
@@ -548,7 +550,7 @@ def _check_local_header(handle: BinaryIO, info: zipfile.ZipInfo, source: str) ->
     if info.compress_type != zipfile.ZIP_STORED:
         return  # inflating checks the CRC itself
     handle.seek(info.header_offset + _LOCAL_HEADER.size + name_len + extra_len)
-    if zlib.crc32(handle.read(info.file_size)) != info.CRC:
+    if crc_checked and zlib.crc32(handle.read(info.file_size)) != info.CRC:
         raise InvalidCheckpointError(f"record '{info.filename}' fails its CRC check", path=source, fix=BAD_FILE)
 
 
@@ -566,7 +568,7 @@ def _scan_zip(report: ScanReport, fileobj: BinaryIO, allow) -> None:
     check_zip_records(fileobj, report.source)
     for info in records:
         try:
-            with archive.open(info) as member:
+            with open_member(archive, info) as member:
                 _scan_one(report, member, info.file_size, info.filename, allow)
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError) as exc:
             raise InvalidCheckpointError(f"record '{info.filename}' is unreadable ({foreign_message(exc)})",
@@ -624,12 +626,13 @@ def scan_file(fileobj: BinaryIO, source: str, size: int | None = None, kind: str
     return report
 
 
-def merge_reports(source: str, parts: list[tuple[str, ScanReport]]) -> ScanReport:
-    """One report for several files (the shards of an index), each entry named by its file."""
-    if len(parts) == 1:
+def merge_reports(source: str, parts: list[tuple[str, ScanReport]], *, always: bool = False) -> ScanReport:
+    """One report for several files (the shards of an index, a folder), each entry named by its file;
+    a single part is returned as it is unless ``always``."""
+    if len(parts) == 1 and not always:
         parts[0][1].source = source
         return parts[0][1]
-    merged = ScanReport(source, "sharded-" + parts[0][1].format)
+    merged = ScanReport(source, "folder" if always else "sharded-" + parts[0][1].format)
     for name, part in parts:
         merged.pickles += [f"{name}:{record}" for record in part.pickles]
         for entry in part.globals:
@@ -703,7 +706,7 @@ def scan_npz(report: ScanReport, fileobj: BinaryIO) -> None:
     try:
         with zipfile.ZipFile(fileobj) as archive:
             for info in archive.infolist():
-                with archive.open(info) as member:
+                with open_member(archive, info) as member:
                     scan_numpy(report, member, info.file_size, info.filename)
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError) as exc:
         raise InvalidCheckpointError(f"unreadable .npz archive ({foreign_message(exc)})", path=report.source, fix=BAD_FILE) from None

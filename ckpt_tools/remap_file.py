@@ -119,6 +119,7 @@ def _remap_pickle(src, dst, rules, force, kind, files, options) -> RemapCheckpoi
     check_output_name(dst, "torch pickle", otherwise="; to get safetensors, use `ckpt convert` (it remaps too)")
     check_outputs([dst], files, force)
     with open_checkpoint(src, **options) as checkpoint:
+        checkpoint.check_stored_sums()  # a damaged source is refused before anything is written
         remap = apply_remap(checkpoint.keys(), rules)
         want = {new: (checkpoint.meta(old).shape, checkpoint.meta(old).dtype) for old, new in remap.mapping.items()}
         wrapper = checkpoint.wrapper

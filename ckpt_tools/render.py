@@ -51,14 +51,17 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
 
 def rich_table(title: str | None, headers: list[str], rows: list[list[object]], *,
                justify_right: tuple[str, ...] = ()):
+    """A rich table whose cells are plain text: a key such as ``blocks.[0]`` or a path holding
+    ``[bold]`` is shown as written, never read as markup."""
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, title_justify="left", show_lines=False)
+    table = Table(title=Text(title) if title else None, title_justify="left", show_lines=False)
     for header in headers:
-        table.add_column(header, justify="right" if header in justify_right else "left",
+        table.add_column(Text(header), justify="right" if header in justify_right else "left",
                          overflow="fold")
     for row in rows:
-        table.add_row(*(str(v) for v in row))
+        table.add_row(*(Text(str(v)) for v in row))
     return table
 
 

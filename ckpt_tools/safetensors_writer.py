@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidCheckpointError
+from .errors import InvalidCheckpointError, UsageError
 from .fs import DISK_FULL_ERRNOS, AtomicFile
 from .meta import TensorMeta, dtype_name, torch_dtype
 
@@ -217,6 +217,27 @@ def _write_torch(out: AtomicFile, meta: TensorMeta, tensor, spans: FileSpans | N
                 raise  # writing from memory would only fail the same way
             span = None
     if span is None:
-        for chunk in tensor_chunks(tensor, meta.dtype):
+        narrowed = dtype_name(tensor.dtype) != meta.dtype and tensor.is_floating_point()
+        chunks = tensor_chunks(tensor, meta.dtype)
+        if narrowed:  # a cast may overflow: check each cast chunk against the same source chunk
+            chunks = _checked_casts(meta, zip(tensor_chunks(tensor), chunks, strict=True))
+        for chunk in chunks:
             written += out.write(chunk_bytes_view(chunk))
     return written
+
+
+def _checked_casts(meta: TensorMeta, pairs: Iterable[tuple[object, object]]) -> Iterator:
+    """The cast chunks, refusing a finite value that the cast turned into Inf (fp32 1e5 as F16):
+    a conversion must not change what a model computes without a word."""
+    import torch
+
+    for source, cast in pairs:
+        if cast.is_floating_point() and not bool(torch.isfinite(cast).all()):
+            overflowed = int((torch.isfinite(source) & ~torch.isfinite(cast)).sum())
+            if overflowed:
+                biggest = float(source[torch.isfinite(source)].abs().max())
+                raise UsageError(f"casting to {meta.dtype} turns {overflowed:,} finite value"
+                                 f"{'' if overflowed == 1 else 's'} into Inf (largest magnitude {biggest:.4g}, "
+                                 f"beyond {float(torch.finfo(cast.dtype).max):.4g})", key=meta.name,
+                                 fix="keep the source dtype, or cast to BF16 (float32's range)")
+        yield cast

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 from typing import BinaryIO
 
 from .errors import InvalidCheckpointError
 from .formats.safetensors import SafetensorsCheckpoint
 from .http import RangeFile
+from .magic import may_be_old_pickle
 from .pickle_safety import (
     BAD_FILE,
     ScanReport,
@@ -32,12 +34,20 @@ REMOTE_BUFFER = 64 * 1024
 __all__ = ["ScanReport", "scan_pickle", "unsafe_globals"]
 
 
+SCANNABLE = frozenset({"zip", "pickle", "torch-legacy", "numpy", "safetensors"})
+
+
 def scan_pickle(source: str | os.PathLike | BinaryIO) -> ScanReport:
     """Scan a local file, folder or sharded index, an ``hf://`` file or a seekable file object.
 
-    Never executes the pickle. Raises CheckpointNotFoundError or InvalidCheckpointError when there
-    is nothing scannable; otherwise returns a report whose ``verdict`` is ``safe`` or ``unsafe``.
+    A folder is scanned whole: every file in it that can hold a pickle (a training folder keeps
+    ``training_args.bin`` or ``rng_state.pth`` beside its weights), and the report lists the files
+    that cannot. Never executes the pickle. Raises CheckpointNotFoundError or
+    InvalidCheckpointError when there is nothing scannable; otherwise returns a report whose
+    ``verdict`` is ``safe`` or ``unsafe``.
     """
+    if isinstance(source, str | os.PathLike) and Path(source).is_dir():
+        return _scan_folder(Path(source))
     resolved = resolve(source)
     try:
         if resolved.format == "index":
@@ -49,11 +59,46 @@ def scan_pickle(source: str | os.PathLike | BinaryIO) -> ScanReport:
             resolved.close()
 
 
+def _scan_folder(folder: Path) -> ScanReport:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    parts, skipped = [], []
+    for path in files:
+        name = path.relative_to(folder).as_posix()
+        resolved = resolve(path)
+        if resolved.format in SCANNABLE or _old_pickle(resolved):
+            parts.append((name, _scan_one(resolved)))
+        else:
+            skipped.append(name)
+    if not parts:
+        raise InvalidCheckpointError("the folder holds no file that can hold a pickle (torch, NumPy, pickle or "
+                                     "safetensors)", path=str(folder), fix="pass the file to scan")
+    report = merge_reports(str(folder), parts, always=True)
+    if skipped:
+        report.notes.append(f"not scanned (no pickle, NumPy or safetensors format): {', '.join(skipped[:20])}"
+                            + (f" and {len(skipped) - 20} more" if len(skipped) > 20 else ""))
+    return report
+
+
+def _old_pickle(resolved: Source) -> bool:
+    """A protocol 0/1 pickle (no header): walked to its STOP without a stumble."""
+    if resolved.format != "unknown" or resolved.path is None or not may_be_old_pickle(resolved.head):
+        return False
+    try:
+        with open(resolved.path, "rb") as handle:
+            report = scan_file(handle, resolved.given, resolved.size, "pickle")
+    except InvalidCheckpointError:
+        return False
+    # a text file walks as garbage: it stumbles (a malformed opcode, an empty stack) before any STOP
+    return not any("a loader would fail here" in note or "is malformed" in note for note in report.notes)
+
+
 def _scan_one(resolved: Source) -> ScanReport:
     if resolved.format == "safetensors":
         return _scan_safetensors(resolved)
     if resolved.format == "numpy" or (resolved.format == "zip" and resolved.path is not None and _npz(resolved.path)):
         return _scan_numpy(resolved)
+    if resolved.format == "unknown" and _old_pickle(resolved):
+        resolved.format = "pickle"
     if resolved.format not in ("zip", "pickle", "torch-legacy"):
         raise InvalidCheckpointError("not a pickle, a torch zip archive, a NumPy file or a safetensors file",
                                      path=resolved.given, fix=BAD_FILE)

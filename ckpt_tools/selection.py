@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from .errors import InvalidCheckpointError, UsageError
+from .render import plural, rich_table
 
 MAX_DEPTH = 200  # levels of nesting searched; a pickle can nest far deeper than any checkpoint does
 TOP = "."  # how the top level is named where a path must be shown or passed to --select
@@ -80,6 +81,11 @@ class Bucket:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "path": self.path or TOP, "tensors": self.tensors, "nbytes": self.nbytes}
+
+    def describe(self) -> str:
+        """'3 optimizer tensors under state.1 (20 bytes)'."""
+        kind = {"alternative": "other"}.get(self.kind, self.kind)
+        return f"{plural(self.tensors, kind + ' tensor')} under {self.path or TOP} ({self.nbytes:,} bytes)"
 
 
 @dataclass
@@ -145,7 +151,7 @@ class Selection:
 
     def lines(self) -> list[str]:
         how = "named by --select" if self.accounting.explicit else "chosen by content"
-        out = [f"selected: {self.path or TOP} ({self.kind}, {len(self.state)} tensors; {how})"]
+        out = [f"selected: {self.path or TOP} ({self.kind}, {plural(len(self.state), 'tensor')}; {how})"]
         out += [f"also found: {a.path or TOP} ({a.tensors} tensors, {a.nbytes:,} bytes): --select {a.select}"
                 for a in self.alternatives]
         out += self.accounting.lines()
@@ -159,14 +165,11 @@ class Selection:
 
     def rich_table(self):
         from rich.console import Group
-        from rich.table import Table
         from rich.text import Text
 
-        table = Table(title="where the file's tensors went", title_justify="left")
-        for header in ("kind", "path", "tensors", "bytes"):
-            table.add_column(header, justify="right" if header in ("tensors", "bytes") else "left")
-        for b in self.accounting.buckets:
-            table.add_row(b.kind, b.path or TOP, str(b.tensors), f"{b.nbytes:,}")
+        table = rich_table("where the file's tensors went", ["kind", "path", "tensors", "bytes"],
+                           [[b.kind, b.path or TOP, b.tensors, f"{b.nbytes:,}"] for b in self.accounting.buckets],
+                           justify_right=("tensors", "bytes"))
         lines = [line for line in self.lines() if not line.startswith(("  ", "the file holds"))]
         return Group(*(Text(line) for line in lines), table)
 
@@ -310,7 +313,7 @@ class _Walk:
 
     def _run(self, root) -> None:
         seen: set[int] = set()
-        stack: list[tuple[tuple[str, ...], object, bool, bool]] = [((), root, False, False)]
+        stack: list[tuple[tuple[str, ...], object, bool, bool]] = [((), root, _is_optimizer(None, root), False)]
         too_deep = 0
         while stack:
             path, value, optimizer, in_module = stack.pop()
@@ -376,12 +379,30 @@ def _choose(candidates: list[_Candidate], priority: Sequence[str]) -> _Candidate
     return min(comparable, key=lambda c: _priority(c, priority))
 
 
+_ABSENT = object()
+
+
+def _leaf_entry(walk: _Walk, text: str):
+    """The value a dotted path names when it is not a container (an int, a tensor), else _ABSENT."""
+    for parent, path in walk.by_text.items():  # a key may hold dots itself ("layer.0.weight")
+        if parent and not text.startswith(parent + "."):
+            continue
+        rest = text[len(parent) + 1:] if parent else text
+        for key, value in _entries(walk.containers[path]) or ():
+            if str(key) == rest:
+                return value
+    return _ABSENT
+
+
 def _explicit(walk: _Walk, select: str, source: str) -> _Candidate:
     text = "" if select in ("", TOP) else select
     available = ", ".join(c.text or TOP for c in walk.candidates) or "none"
     path = walk.by_text.get(text)
     if path is None:
-        raise UsageError(f"--select {select}: no such entry in the checkpoint", path=source,
+        leaf = _leaf_entry(walk, text)
+        what = "no such entry in the checkpoint" if leaf is _ABSENT else \
+            f"the entry is {'a single tensor' if is_tensor(leaf) else 'a value of type ' + type_name(leaf)}, not a state dict"
+        raise UsageError(f"--select {select}: {what}", path=source,
                          fix=f"choose one of the state dicts found: {available}")
     for candidate in walk.candidates:
         if candidate.path == path:
@@ -393,16 +414,17 @@ def _explicit(walk: _Walk, select: str, source: str) -> _Candidate:
             return _Candidate(path, "module", state, True, -1)
     tensors = [(k, v) for k, v in _named_entries(value) if is_tensor(v)]
     if not tensors:
+        deeper = list(dict.fromkeys(".".join(p[:len(path) + 1]) for p, _, _ in walk.tensors
+                                    if p[:len(path)] == path and len(p) > len(path) + 1))
+        if deeper:
+            raise UsageError(f"--select {select}: the entry's tensors sit one level deeper", path=source,
+                             fix=f"select one of its entries: {', '.join(deeper[:6])}")
         raise UsageError(f"--select {select}: the entry holds no tensors", path=source,
                          fix=f"choose one of the state dicts found: {available}")
     if not all(isinstance(k, str) for k, _ in tensors):
         raise UsageError(f"--select {select}: the entry's tensors are keyed by {type(tensors[0][0]).__name__}, "
                          "not by names", path=source, fix=f"choose one of the state dicts found: {available}")
     return _Candidate(path, "state dict", dict(tensors), True, -1)
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _nothing_found(root, walk: _Walk, source: str, priority: Sequence[str]) -> InvalidCheckpointError:
@@ -417,9 +439,15 @@ def _nothing_found(root, walk: _Walk, source: str, priority: Sequence[str]) -> I
                                       path=source,
                                       fix=f"expected a state dict, or one under {', '.join(priority[:5])}, ...")
     places = list(dict.fromkeys(".".join(p[:1]) or TOP for p, _, _ in walk.tensors))
+    if all(optimizer for _, _, optimizer in walk.tensors):
+        first = ".".join(walk.tensors[0][0][:-1])
+        return InvalidCheckpointError(
+            f"the file holds optimizer state only ({plural(len(walk.tensors), 'tensor')} under "
+            f"{', '.join(places[:6])}), no model weights", path=source,
+            fix=f"read the model's own checkpoint; --select {first} reads one parameter's optimizer state")
     reasons = list(walk.refused) + (["optimizer state"] if any(o for _, _, o in walk.tensors) else [])
     return InvalidCheckpointError(
-        f"no state dict found: the file's {_count(len(walk.tensors), 'tensor')} "
+        f"no state dict found: the file's {plural(len(walk.tensors), 'tensor')} "
         f"{'sits' if len(walk.tensors) == 1 else 'sit'} under {', '.join(places[:6])}"
         + (f" ({'; '.join(reasons)})" if reasons else ""), path=source,
         fix="pass select=PATH (--select PATH) naming the entry that holds the weights")

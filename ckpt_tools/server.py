@@ -34,7 +34,7 @@ from typing import TextIO
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .convert_plan import parse_size
-from .errors import UsageError
+from .errors import UsageError, foreign_message
 from .fs import COMMIT_RE, AtomicFile, atomic_symlink, atomic_write
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -572,8 +572,19 @@ class HubServer:
         self.folder = HubFolder(root)
         self.faults: list[Fault] = faults if faults is not None else []
         self.rate_limit = parse_rate(rate_limit)
-        self._server = _Server((host, port), self.folder, self.faults, verbose, self.rate_limit)
+        if not (isinstance(port, int) and 0 <= port <= 65535):
+            raise UsageError(f"port {port!r} is not a TCP port", fix="pass --port 0..65535 (0 picks a free one)")
+        try:
+            self._server = _Server((host, port), self.folder, self.faults, verbose, self.rate_limit)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port} ({foreign_message(exc)})",
+                             fix="pass another --port, or --port 0 to pick a free one") from None
         self._thread: threading.Thread | None = None
+
+    def repos(self) -> list[str]:
+        """The repositories served, as ORG/NAME."""
+        return sorted(p.name.removeprefix("models--").replace("--", "/", 1)
+                      for p in self.folder.root.glob("models--*--*") if p.is_dir())
 
     @property
     def host(self) -> str:
@@ -619,6 +630,9 @@ def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8080, *, verbos
     """Serve ``root`` until interrupted (the ``ckpt serve`` command); the address is announced on
     ``out`` (stdout by default) as the first line, for scripts that start it with ``--port 0``."""
     server = HubServer(root, host, port, verbose=verbose, rate_limit=rate_limit)
+    if not server.repos():
+        print(f"warning: {server.folder.root} holds no models--ORG--NAME folder, so every request will get 404; "
+              "serve a hub cache folder (e.g. ~/.cache/huggingface/hub)", file=sys.stderr, flush=True)
     cap = f"; {server.rate_limit / 1e6:g} MB/s per connection" if server.rate_limit else ""
     print(f"serving {server.folder.root} at {server.endpoint} (set HF_ENDPOINT={server.endpoint}){cap}",
           file=out or sys.stdout, flush=True)

@@ -21,6 +21,7 @@ Any change that can alter a listing gives a new key; ``CKPT_SKELETON_CACHE=0`` t
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.util
 import json
@@ -38,6 +39,7 @@ from .side import Side
 from .version import VERSION
 
 FORMAT_VERSION = 2
+LISTING_CODE = ("skeleton.py", "side.py", "targets.py", "libraries.py")  # the code a listing comes from
 
 
 def cache_dir() -> Path:
@@ -70,7 +72,7 @@ def fingerprint(preset) -> str:
     digest.update(json.dumps(data, sort_keys=True, default=str).encode())
     module = getattr(preset.build, "__module__", None) or ""
     here = Path(__file__).resolve().parent
-    for path in _package_sources(module) + [here / "skeleton.py", here / "side.py", here / "targets.py"]:
+    for path in _package_sources(module) + [here / name for name in LISTING_CODE]:
         digest.update(path.name.encode())
         digest.update(_code_digest(path))
     versions = sorted(f"{d.metadata['Name']}=={d.version}" for d in distributions())
@@ -157,6 +159,19 @@ def _store(path: Path, side: Side, stale_glob: str) -> None:
         pass  # a read-only cache only costs the build next time
 
 
+@functools.cache
+def listing_code_digest() -> str:
+    """What of this package's code decides a listing (which names are trained, tied, re-created):
+    its syntax without comments and docstrings, so a code change gives new keys and an edit of
+    the prose does not."""
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in LISTING_CODE:
+        digest.update(name.encode())
+        digest.update(_code_digest(here / name))
+    return digest.hexdigest()[:16]
+
+
 def data_fingerprint(key: Mapping[str, Any], distributions: Sequence[str]) -> str:
     """A fingerprint of what determines a target's listing: its data (a config, a name, the class
     asked for) and the versions of the libraries that build it. Reads no source file and imports
@@ -170,7 +185,7 @@ def data_fingerprint(key: Mapping[str, Any], distributions: Sequence[str]) -> st
         except PackageNotFoundError:
             versions[dist] = None
     blob = {"key": key, "versions": versions, "format": FORMAT_VERSION, "python": sys.version,
-            "ckpt_tools": VERSION}
+            "ckpt_tools": VERSION, "code": listing_code_digest()}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

@@ -17,7 +17,8 @@ Conventions, shared by every report:
 - Value diffs (a against b): relative change ||a-b|| / ||b|| is 0 when both are zero and infinite
   (JSON null) when only b is; cosine similarity is 1 when both are zero and 0 when one is.
   Positions where either side is NaN or Inf are left out of the numbers and counted in
-  ``nonfinite``. Bitwise identity compares raw bytes, so equal NaN payloads count as identical;
+  ``nonfinite``; where the sides differ there (1.0 against NaN, NaN against Inf) they are counted
+  in ``nonfinite_changed`` and the relative change is infinite. Bitwise identity compares raw bytes, so equal NaN payloads count as identical;
   tensors of different dtypes are compared after the upcast and are never bitwise identical.
 
 torch is imported inside the functions that touch values, so importing this module stays cheap.
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from .errors import UsageError
 from .meta import dtype_name
 from .naming import collapse, module_prefix
-from .render import human_count, markdown_table, rich_table
+from .render import human_count, markdown_table, plural, rich_table
 
 # 4M elements: two 32 MB float64 buffers. Each torch call on a chunk is one parallel region whose
 # threads must all get a core; on a machine with other work those waits dominate small chunks.
@@ -406,8 +407,8 @@ class StatsReport:
 
     def summary_lines(self) -> list[str]:
         numel = sum(t.acc.numel for t in self.tensors.values())
-        lines = [f"values: {len(self.tensors)} tensors, {numel:,} values, read in chunks of "
-                 f"{self.chunk_elems:,}"]
+        lines = [f"values: {plural(len(self.tensors), 'tensor')}, {plural(numel, 'value')}, read in chunks of "
+                 f"{self.chunk_elems:,} values"]
         for group, members in collapse(self.nonfinite).items():  # numbered layers on one line
             nan = sum(self.tensors[m].acc.nan for m in members)
             inf = sum(self.tensors[m].acc.inf for m in members)
@@ -502,6 +503,7 @@ class DiffAccumulator:
     numel: int = 0
     compared: int = 0      # positions where both sides are finite
     nonfinite: int = 0     # positions where either side is NaN or Inf (left out of the numbers)
+    nonfinite_changed: int = 0  # of those, where the sides differ (1.0 against NaN): an infinite change
     identical: bool = True
     max_abs: float = 0.0
     abs_sum: float = 0.0   # sum |a-b|
@@ -514,21 +516,29 @@ class DiffAccumulator:
     def merge(self, other: DiffAccumulator) -> DiffAccumulator:
         return DiffAccumulator(
             numel=self.numel + other.numel, compared=self.compared + other.compared,
-            nonfinite=self.nonfinite + other.nonfinite, identical=self.identical and other.identical,
+            nonfinite=self.nonfinite + other.nonfinite,
+            nonfinite_changed=self.nonfinite_changed + other.nonfinite_changed,
+            identical=self.identical and other.identical,
             max_abs=max(self.max_abs, other.max_abs), abs_sum=self.abs_sum + other.abs_sum,
             dd=self.dd + other.dd, aa=self.aa + other.aa, bb=self.bb + other.bb, ab=self.ab + other.ab,
             chunks=self.chunks + other.chunks)
 
     @property
     def relative_change(self) -> float:
-        """||a-b|| / ||b||; 0 when both are zero, infinite when only b is."""
+        """||a-b|| / ||b|| over the finite pairs; 0 when both are zero, infinite when only b is, or
+        when a value turned NaN or Inf (or back)."""
+        if self.nonfinite_changed:
+            return math.inf
         if self.bb == 0:
             return 0.0 if self.dd == 0 else math.inf
         return math.sqrt(self.dd) / math.sqrt(self.bb)
 
     @property
     def cosine(self) -> float:
-        """a·b / (||a|| ||b||); 1 when both are zero, 0 when one is."""
+        """a·b / (||a|| ||b||); 1 when both are zero, 0 when one is, NaN (no number) when a value
+        turned NaN or Inf."""
+        if self.nonfinite_changed:
+            return math.nan
         if self.aa == 0 or self.bb == 0:
             return 1.0 if self.aa == self.bb else 0.0
         return max(-1.0, min(1.0, self.ab / (math.sqrt(self.aa) * math.sqrt(self.bb))))
@@ -537,8 +547,8 @@ class DiffAccumulator:
         return {
             "max_abs_diff": self.max_abs if self.compared else None,
             "mean_abs_diff": self.abs_sum / self.compared if self.compared else None,
-            "relative_change": _json_number(self.relative_change), "cosine": self.cosine,
-            "nonfinite": self.nonfinite,
+            "relative_change": _json_number(self.relative_change), "cosine": _json_number(self.cosine),
+            "nonfinite": self.nonfinite, "nonfinite_changed": self.nonfinite_changed,
         }
 
 
@@ -558,11 +568,14 @@ def _bitwise_equal(a, b) -> bool:
 
 
 def _finite_pairs(a, b):
-    """Drop the positions where either side is not finite; (a, b, how many were dropped)."""
+    """Drop the positions where either side is not finite: (a, b, how many were dropped, how many
+    of those differ: a finite value against NaN or Inf, NaN against Inf, +Inf against -Inf)."""
     import torch
 
     keep = torch.isfinite(a) & torch.isfinite(b)
-    return a[keep], b[keep], int(a.numel() - keep.sum())
+    x, y = a[~keep], b[~keep]
+    alike = (x == y) | (torch.isnan(x) & torch.isnan(y))
+    return a[keep], b[keep], int(x.numel()), int(x.numel() - alike.sum())
 
 
 def _square(values) -> float:
@@ -580,11 +593,12 @@ def chunk_diff(a, b, dtype_a: str, dtype_b: str, scratch: Scratch) -> DiffAccumu
     y = x if same else scratch.take(1, _comparable(b, dtype_b))
     aa = _square(x)
     bb = aa if same else _square(y)
-    dropped = 0
+    dropped = mismatched = 0
     if not math.isfinite(aa + bb):  # a NaN or Inf on either side (the norms double as the test)
-        x, y, dropped = _finite_pairs(x, y)
+        x, y, dropped, mismatched = _finite_pairs(x, y)
         aa, bb = _square(x), _square(y)
-    acc = DiffAccumulator(numel=a.numel(), compared=x.numel(), nonfinite=dropped, identical=same,
+    acc = DiffAccumulator(numel=a.numel(), compared=x.numel(), nonfinite=dropped,
+                          nonfinite_changed=0 if same else mismatched, identical=same,
                           aa=aa, bb=bb, ab=aa, chunks=1)
     if same or not x.numel():  # a == b: the norms give every number
         return acc
@@ -659,7 +673,7 @@ class ModuleDiff:
         return {"name": self.name, "tensors": len(self.tensors), "identical": self.identical,
                 "identical_fraction": self.identical_fraction,
                 "mean_relative_change": _json_number(self.mean_relative_change),
-                "relative_change": _json_number(acc.relative_change), "cosine": acc.cosine,
+                "relative_change": _json_number(acc.relative_change), "cosine": _json_number(acc.cosine),
                 "max_abs_diff": acc.figures()["max_abs_diff"], "numel": acc.numel}
 
     def row(self) -> list[object]:
@@ -673,6 +687,13 @@ DIFF_TENSOR_HEADERS = ["tensor", "dtype", "identical", "max abs diff", "mean abs
 DIFF_MODULE_HEADERS = ["module", "identical", "mean rel. change", "rel. change", "cosine", "max abs diff"]
 CHANGE_FIX = ("if the change is expected (a fine-tune, another release), raise --max-change; otherwise "
               "check that the two checkpoints are the ones you meant to compare")
+
+
+def _change_detail(acc: DiffAccumulator, max_change: float) -> str:
+    if acc.nonfinite_changed:
+        return (f"{plural(acc.nonfinite_changed, 'value')} turned NaN or Inf, or back (an infinite change "
+                f"> {max_change:g})")
+    return f"relative change {_fmt(acc.relative_change)} > {max_change:g} (max |a-b| {_fmt(acc.figures()['max_abs_diff'])})"
 
 
 @dataclass
@@ -697,8 +718,7 @@ class ValueDiffReport:
         if self.max_change is None:
             return []
         return [{"kind": "value_change", "key": name,
-                 "detail": f"relative change {_fmt(t.acc.relative_change)} > {self.max_change:g} "
-                           f"(max |a-b| {_fmt(t.acc.figures()['max_abs_diff'])})",
+                 "detail": _change_detail(t.acc, self.max_change),
                  "fix": CHANGE_FIX}
                 for name, t in self.tensors.items() if t.acc.relative_change > self.max_change]
 
@@ -716,7 +736,7 @@ class ValueDiffReport:
 
     def summary_lines(self) -> list[str]:
         same = sum(t.identical for t in self.tensors.values())
-        lines = [f"values: {self.source_a} against {self.source_b}: {len(self.tensors)} tensors compared, "
+        lines = [f"values: {self.source_a} against {self.source_b}: {plural(len(self.tensors), 'tensor')} compared, "
                  f"{same} bitwise identical"]
         lines += [f"  {m.line()}" for m in self.modules()]
         lines += [f"upcast: {name} ({t.dtype_a} vs {t.dtype_b}) compared in float64"

@@ -98,9 +98,30 @@ def module_side(model, label: str | None = None) -> Side:
     # shared submodule is reachable under, and leaves out non-persistent buffers.
     state = model.state_dict(keep_vars=True)
     trainable = {name: isinstance(t, torch.nn.Parameter) and t.requires_grad for name, t in state.items()}
+    trainable.update(_buffers_of_trained_modules(state, trainable, torch))
     side = _side_from_state(label or type(model).__name__, state, trainable, model)
     side.expected, side.ignored = recreated(model, side)
     return side
+
+
+def _buffers_of_trained_modules(state, trainable: dict[str, bool], torch) -> dict[str, bool]:
+    """A persistent buffer (BatchNorm's running statistics) is state the checkpoint must carry when
+    its module is trained (has a trainable parameter), and may be absent when the module is frozen:
+    it counts as trained exactly when the nearest module above it that holds parameters is trained."""
+    modules: dict[str, bool] = {}
+    for name, is_trained in trainable.items():
+        if isinstance(state[name], torch.nn.Parameter):
+            module = name.rpartition(".")[0]
+            modules[module] = modules.get(module, False) or is_trained
+    found = {}
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.nn.Parameter):
+            continue
+        module = name.rpartition(".")[0]
+        while module not in modules and module:
+            module = module.rpartition(".")[0]
+        found[name] = modules.get(module, False)
+    return found
 
 
 def recreated(model, side: Side) -> tuple[dict[str, str], list[str]]:

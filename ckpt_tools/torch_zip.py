@@ -32,6 +32,7 @@ from .fs import AtomicFile, crc32_range
 from .inert import STORAGE_DTYPES, Size, StorageRef, TensorRef, TorchName
 from .meta import DTYPES
 from .safetensors_writer import FileRange, write_range
+from .zip_members import read_member
 
 PICKLE_PROTOCOL = 2  # torch.serialization.DEFAULT_PROTOCOL
 DEFAULT_ALIGNMENT = 64  # torch's storage alignment when the source does not record one
@@ -285,7 +286,7 @@ def plan_torch_zip(root, source: Path,
         for info in infos:
             name = info.filename.removeprefix(prefix) if info.filename.startswith(prefix) else None
             if name in LEADING_RECORDS + TRAILING_RECORDS:
-                small[name] = archive.read(info)
+                small[name] = read_member(archive, info)
             elif name is None or not (name == "data.pkl" or name.startswith("data/")):
                 return None
     try:

@@ -19,7 +19,7 @@ from typing import Any
 
 from .convert import convert_to_safetensors
 from .diff import KeyReport, compare
-from .errors import LoadRefusedError, UsageError
+from .errors import LoadRefusedError, OutputExistsError, UsageError
 from .formats import open_checkpoint
 from .hub import download as fetch
 from .inspect import InspectReport
@@ -50,6 +50,7 @@ class RemoteCheck:
     commit: str
     bytes_fetched: int | None
     keys: KeyReport
+    files: list[str] = field(default_factory=list)  # the repo's files the checkpoint is (an index: its shards too)
 
     def to_dict(self) -> dict:
         return {"reference": self.reference, "pinned": self.pinned, "commit": self.commit,
@@ -258,8 +259,8 @@ def validate(source: str | Path, *, model: str | None = None, model_config: str 
             return ValidationReport(str(source), remote.keys.target, _remote_listing(remote),
                                     remote.keys, remote=remote,
                                     stopped="the key check failed before download (pass --force to download anyway)")
-        download = fetch(ref.repo_id, [ref.path], revision=remote.commit, cache_dir=cache_dir,
-                         endpoint=endpoint, token=token, lock=lock)
+        download = fetch(ref.repo_id, remote.files, revision=ref.revision, pinned=remote.commit,
+                         cache_dir=cache_dir, endpoint=endpoint, token=token, lock=lock)
         local = download.files[0].local_path
 
     # the listing read for the remote check serves the local diff too
@@ -289,8 +290,9 @@ def _remote_check(ref, given: str, side: Side, endpoint, token, options, reading
         commit = ckpt.commit
         keys = compare(checkpoint_side(ckpt), side, **options)
         fetched = ckpt.bytes_read
+        files = [ref.path] + [ref.sibling(name).path for name in getattr(ckpt, "shards", {})]
     pinned = str(HfReference(ref.repo_id, commit, ref.path))
-    return RemoteCheck(given, pinned, commit, fetched, keys)
+    return RemoteCheck(given, pinned, commit, fetched, keys, files)
 
 
 def _origin(ref, remote: RemoteCheck | None, download, local) -> Any:
@@ -317,7 +319,12 @@ def _validate_local(local, given: str, make_listing: Callable[[], Side], make_mo
         report.stopped = "the key check failed: not converted (pass --force to convert anyway)"
     elif convert is not None:
         rules = coerce_rules(options["remap"]) + (list(keys.inference.rules) if keys.auto_remapped else [])
-        report.conversion = convert_to_safetensors(local, convert, rules=rules, force=overwrite, **reading)
+        try:
+            report.conversion = convert_to_safetensors(local, convert, rules=rules, force=overwrite, **reading)
+        except OutputExistsError as exc:
+            if exc.fix and "--force" in exc.fix:  # validate's --force means something else
+                exc.fix = exc.fix.replace("--force", "--overwrite (overwrite=True)")
+            raise
         reading = {}  # the converted file is one state dict
         # it has the remapped names already: only the target's own (preset) rules still apply
         options = {**options, "remap": None, "auto_remap": False}
@@ -332,7 +339,7 @@ def _validate_local(local, given: str, make_listing: Callable[[], Side], make_mo
             exc.report.target = target.label
             report.keys, report.refused = exc.report, exc.message
         report.keys.target = target.label
-        if target.built is not None and device != "meta":
+        if device != "meta":  # built for real: whatever the checkpoint did not fill is random
             report.provenance = _provenance(target, expect_complete=not allow_random)
     return report
 

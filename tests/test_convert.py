@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import zipfile
@@ -16,7 +17,13 @@ from safetensors.torch import save_file
 
 from ckpt_tools.convert import convert_to_safetensors
 from ckpt_tools.convert_plan import Planned, parse_size, plan_shards
-from ckpt_tools.errors import IntegrityError, OutputExistsError, RemapError, UsageError
+from ckpt_tools.errors import (
+    IntegrityError,
+    InvalidCheckpointError,
+    OutputExistsError,
+    RemapError,
+    UsageError,
+)
 from ckpt_tools.formats import open_checkpoint
 from ckpt_tools.meta import TensorMeta
 from ckpt_tools.remap import Rule, rules_from_cli, rules_from_dicts
@@ -289,6 +296,78 @@ def test_cast_of_contiguous_and_strided_tensors(tmp_path):
     torch.save(state, tmp_path / "m.pt")
     result = convert_to_safetensors(tmp_path / "m.pt", tmp_path / "c.safetensors", dtype="bf16")
     assert_same(read_output(result), {k: v.to(torch.bfloat16) for k, v in state.items()})
+
+
+def _flip_a_storage_byte(path) -> None:
+    """Damage a torch file's first storage after torch.save wrote it (its CRC no longer holds)."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    with open(path, "r+b") as handle:
+        handle.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", handle.read(4))
+        at = info.header_offset + 30 + name_len + extra_len
+        handle.seek(at)
+        byte = handle.read(1)[0]
+        handle.seek(at)
+        handle.write(bytes([byte ^ 1]))
+
+
+def test_a_damaged_storage_is_refused_by_its_crc(tmp_path):
+    torch.save({"w": torch.arange(8.0)}, tmp_path / "m.pt")
+    _flip_a_storage_byte(tmp_path / "m.pt")
+    with pytest.raises(InvalidCheckpointError, match="data/0 fails its CRC-32 check"):
+        convert_to_safetensors(tmp_path / "m.pt", tmp_path / "c.safetensors")
+
+
+def test_a_damaged_storage_leaves_no_output(tmp_path):
+    torch.save({"w": torch.arange(8.0)}, tmp_path / "m.pt")
+    _flip_a_storage_byte(tmp_path / "m.pt")
+    with pytest.raises(InvalidCheckpointError):
+        convert_to_safetensors(tmp_path / "m.pt", tmp_path / "c.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_a_damaged_storage_is_refused_by_remap(tmp_path):
+    torch.save({"w": torch.arange(8.0)}, tmp_path / "m.pt")
+    _flip_a_storage_byte(tmp_path / "m.pt")
+    with pytest.raises(InvalidCheckpointError, match="CRC-32"):
+        remap_checkpoint(tmp_path / "m.pt", tmp_path / "r.pt", rules=None)
+
+
+def test_a_file_saved_without_crcs_converts(tmp_path):
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"w": torch.arange(8.0)}, tmp_path / "m.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    result = convert_to_safetensors(tmp_path / "m.pt", tmp_path / "c.safetensors")
+    assert read_output(result)["w"].tolist() == list(range(8))
+
+
+def test_a_cast_that_overflows_is_refused(tmp_path):
+    torch.save({"w": torch.tensor([1.0, 1e5, 2.0])}, tmp_path / "m.pt")
+    with pytest.raises(UsageError, match="turns 1 finite value into Inf"):
+        convert_to_safetensors(tmp_path / "m.pt", tmp_path / "c.safetensors", dtype="fp16")
+
+
+def test_a_cast_that_overflows_leaves_no_output(tmp_path):
+    torch.save({"w": torch.tensor([1.0, 1e5, 2.0])}, tmp_path / "m.pt")
+    with pytest.raises(UsageError):
+        convert_to_safetensors(tmp_path / "m.pt", tmp_path / "c.safetensors", dtype="fp16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_an_inf_already_in_the_source_casts_without_complaint(tmp_path):
+    torch.save({"w": torch.tensor([1.0, float("inf")])}, tmp_path / "m.pt")
+    result = convert_to_safetensors(tmp_path / "m.pt", tmp_path / "c.safetensors", dtype="fp16")
+    assert read_output(result)["w"].isinf().tolist() == [False, True]
+
+
+def test_a_cast_is_recorded_in_the_metadata(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "m.pt")
+    convert_to_safetensors(tmp_path / "m.pt", tmp_path / "c.safetensors", dtype="bf16")
+    with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
+        assert f.metadata()["ckpt_tools.dtype"] == "BF16"
 
 
 @pytest.mark.parametrize(("tensor", "chunks"), [

@@ -349,3 +349,46 @@ def test_a_prefix_that_lines_up_names_but_not_shapes_is_not_suggested():
                   for i in range(2) for leaf in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias")}
     report = diff_keys(checkpoint, "openflamingo-tiny")
     assert [h for h in report.hints if h["kind"] in ("prefix", "rename")] == []
+
+
+def test_running_statistics_of_a_trained_module_are_required():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    state = {k: TensorMeta.from_tensor(k, v) for k, v in model.state_dict().items() if "running" not in k}
+    report = diff_keys(state, model)
+    assert sorted(kinds(report)["missing_unexpected"]) == ["1.running_mean", "1.running_var"]
+
+
+def test_running_statistics_of_a_frozen_module_may_be_missing():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    model.requires_grad_(False)
+    state = {k: TensorMeta.from_tensor(k, v) for k, v in model.state_dict().items() if "running" not in k}
+    assert diff_keys(state, model).verdict == "ok"
+
+
+def _shifted_layers():
+    """A model with layers 0..3 and a checkpoint of it saved under 'model.' with layers 1..4."""
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList(torch.nn.Linear(3, 3, bias=False) for _ in range(4))
+    ck = {f"model.layers.{i + 1}.weight": TensorMeta.of(f"model.layers.{i + 1}.weight", (3, 3), "F32")
+          for i in range(4)}
+    return ck, model
+
+
+def test_inferred_rules_that_fit_are_the_fix_of_the_problems_they_solve():
+    ck, model = _shifted_layers()
+    report = diff_keys(ck, model)
+    assert {p.fix for p in report.problems} == {"apply the inferred rules: --auto-remap (or --write-rules FILE to "
+                                                "keep them)"}
+
+
+def test_guesses_that_contradict_inferred_rules_are_not_shown():
+    ck, model = _shifted_layers()
+    assert diff_keys(ck, model).hints == []
+
+
+def test_the_html_report_shows_the_inferred_rules(tmp_path):
+    from ckpt_tools.html import render_html
+
+    ck, model = _shifted_layers()
+    page = render_html("diff", diff_keys(ck, model).to_dict(), command_line="ckpt diff x", tool_version="0")
+    assert "--rename &#x27;^layers\\.1\\.=layers.0.&#x27;" in page

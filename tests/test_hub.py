@@ -209,7 +209,7 @@ def test_missing_file_is_a_one_line_error(hub, cache, run_cli):
     result = run_cli("download", REPO, "nope.bin", "--endpoint", hub.endpoint, "--cache-dir", cache)
     assert result.exit_code == 2
     assert result.stderr == ("error: org/model: key 'nope.bin': no file 'nope.bin' at revision 'main'; "
-                             "fix: list the repo's files, or check --revision\n")
+                             "fix: list the repo's files (ckpt download org/model --dry-run), or check the revision\n")
 
 
 def test_cli_json_output(hub, commit, cache, run_cli):

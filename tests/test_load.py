@@ -79,6 +79,12 @@ def test_failing_verdict_refuses_and_force_loads_what_fits(tmp_path):
     assert torch.equal(model.blocks[0].x.gate, state["blocks.0.x.gate"])
 
 
+def test_a_forced_load_of_nothing_is_not_verified(tmp_path):
+    path = save(tmp_path, {"unrelated.weight": torch.ones(2)})
+    report = load_checkpoint(path, build_tiny(seed=2), force=True)
+    assert (report.load["loaded"], report.load["verified"]) == (0, False)
+
+
 def test_meta_model_gets_real_tensors_and_keeps_ties(tmp_path):
     state = trained_state(build_tiny(seed=1))
     model = build_tiny(device="meta")

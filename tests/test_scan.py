@@ -295,7 +295,7 @@ def test_sharded_index_and_folder_scan_every_shard(tmp_path):
     single = tmp_path / "single"
     single.mkdir()
     save_zip(single / "model.pt", state())
-    assert scan_pickle(single).pickles == ["model/data.pkl"]
+    assert scan_pickle(single).pickles == ["model.pt:model/data.pkl"]  # a folder scan names each file
     escape = tmp_path / "escape.index.json"
     escape.write_text(json.dumps({"weight_map": {"a": "../x.bin"}}))
     with pytest.raises(InvalidCheckpointError, match="escapes"):

@@ -208,6 +208,10 @@ def test_select_dot_takes_the_top_level():
              "model, model_ema"),
     ("config", "--select config: the entry holds no tensors"),
     ("optimizer.state", "--select optimizer.state: the entry's tensors are keyed by int, not by names"),
+    ("config.lr", "--select config.lr: the entry is a value of type int, not a state dict"),
+    ("model.layer.0.weight", "--select model.layer.0.weight: the entry is a single tensor, not a state dict"),
+    ("optimizer", "--select optimizer: the entry's tensors sit one level deeper; fix: select one of its "
+                  "entries: optimizer.state"),
 ])
 def test_select_errors_name_what_is_there(path, message):
     root = {"model": weights((2, 2)), "model_ema": weights((2, 2)), "config": {"lr": 1},

@@ -326,3 +326,28 @@ def test_ckpt_serve_bad_rate_limit_exits_2(root, run_cli):
     result = run_cli("serve", root, "--rate-limit", "fast")
     assert result.exit_code == 2
     assert result.stderr == "error: invalid rate 'fast'; fix: write e.g. 20MB/s, 500KiB/s or bytes per second\n"
+
+
+def test_a_port_in_use_is_one_usage_error(hub, root):
+    with pytest.raises(UsageError, match="cannot listen on 127.0.0.1"):
+        HubServer(root, port=hub.port)
+
+
+def test_a_port_out_of_range_is_a_usage_error(root):
+    with pytest.raises(UsageError, match="is not a TCP port"):
+        HubServer(root, port=70000)
+
+
+def test_the_served_repos_are_listed(hub):
+    assert hub.repos() == ["org/tiny"]
+
+
+def test_serving_a_folder_without_repos_warns(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "ckpt_tools.cli", "serve", str(tmp_path), "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = process.stderr.readline()
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+    assert first.startswith(f"warning: {tmp_path.resolve()} holds no models--ORG--NAME folder")

@@ -378,6 +378,30 @@ def test_positions_with_nan_or_inf_are_left_out_of_a_diff():
     assert (got.acc.figures()["max_abs_diff"], got.acc.figures()["mean_abs_diff"]) == (2.0, 1.0)
 
 
+def test_a_value_turned_nan_is_an_infinite_change():
+    got = tensor_diff("w", torch.full((4,), float("nan")), torch.ones(4))
+    assert math.isinf(got.acc.relative_change)
+
+
+def test_a_value_turned_nan_is_counted_as_changed():
+    got = tensor_diff("w", torch.tensor([float("nan"), float("inf"), float("nan"), 1.0]),
+                      torch.tensor([float("nan"), float("-inf"), 3.0, 1.0]))
+    assert got.acc.nonfinite_changed == 2
+
+
+def test_the_same_nan_on_both_sides_is_no_change():
+    got = tensor_diff("w", torch.tensor([float("nan"), 2.0]), torch.tensor([float("nan"), 2.0]))
+    assert got.acc.relative_change == 0.0
+
+
+def test_a_value_turned_nan_fails_max_change(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.full((3,), float("nan"))}, str(tmp_path / "a.safetensors"))
+    save_file({"w": torch.ones(3)}, str(tmp_path / "b.safetensors"))
+    with open_checkpoint(tmp_path / "a.safetensors") as a, open_checkpoint(tmp_path / "b.safetensors") as b:
+        problem = value_diff(a, b, max_change=0.5).problems[0]
+    assert problem["detail"].startswith("3 values turned NaN or Inf")
 
 def _with_bytes(dtype: torch.dtype, values: list[float], raw: dict[int, int]) -> torch.Tensor:
     """``values`` in ``dtype`` with the bytes at some positions replaced (a NaN bit pattern, say)."""

@@ -267,6 +267,13 @@ def test_bad_targets_are_usage_errors(target, message):
         target_side(parse_target(target))
 
 
+def test_a_factory_module_in_the_current_folder_gets_the_pythonpath_fix(tmp_path, monkeypatch):
+    (tmp_path / "my_factory_xyz.py").write_text("def build():\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=r"my_factory_xyz.py is in this folder.*PYTHONPATH=\. ckpt"):
+        target_side(parse_target("my_factory_xyz:build"))
+
+
 def test_a_factory_builds_on_the_meta_device():
     state = metas(trained_state(build_tiny()))
     report = diff_keys(state, "diffload_models:build_tiny")

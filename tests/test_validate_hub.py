@@ -122,3 +122,39 @@ def test_repo_id_with_revision_uses_the_presets_file_and_stops_before_download(p
     assert hints["cross_attn_every_n_layers"]["fix"] == "build the model with cross_attn_every_n_layers=2"
     assert hints["language_model"]["detail"] == ("lang_encoder.transformer.wte.weight is 32 wide in the "
                                                  "checkpoint and 2048 in the model")
+
+
+def test_a_validated_hub_file_leaves_a_cache_huggingface_hub_reads_by_branch(published, tmp_path):
+    from huggingface_hub import hf_hub_download
+
+    with HubServer(published["hub"]) as server:
+        validate("hf://org/tiny@main/checkpoint.pt", model="openflamingo-tiny", endpoint=server.endpoint,
+                 cache_dir=tmp_path / "cache", lock=tmp_path / "tiny.lock")
+    assert (tmp_path / "cache" / "models--org--tiny" / "refs" / "main").read_text() == published["commit"]
+    assert json.loads((tmp_path / "tiny.lock").read_text())["revision"] == "main"
+    assert hf_hub_download("org/tiny", "checkpoint.pt", cache_dir=tmp_path / "cache", local_files_only=True)
+
+
+def test_a_sharded_hub_checkpoint_is_validated_with_all_its_shards(tmp_path):
+    from safetensors.torch import save_file
+
+    state = {f"layer.{i}.weight": torch.full((4, 4), float(i)) for i in range(4)}
+    index = {"weight_map": {}}
+    files = {}
+    for i in range(2):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        part = {k: v for k, v in state.items() if int(k.split(".")[1]) % 2 == i}
+        save_file(part, str(tmp_path / name))
+        files[name] = tmp_path / name
+        index["weight_map"].update(dict.fromkeys(part, name))
+    files["model.safetensors.index.json"] = json.dumps(index).encode()
+    publish(tmp_path / "hub", "org/sharded", files)
+    save_file(state, str(tmp_path / "whole.safetensors"))  # the target: the same keys in one file
+    with HubServer(tmp_path / "hub") as server:
+        report = validate("hf://org/sharded/model.safetensors.index.json", model=str(tmp_path / "whole.safetensors"),
+                          endpoint=server.endpoint, cache_dir=tmp_path / "cache")
+    assert report.verdict == "ok", report.verdict_line()
+    assert [f.path for f in report.download.files] == ["model.safetensors.index.json",
+                                                       "model-00001-of-00002.safetensors",
+                                                       "model-00002-of-00002.safetensors"]
+    assert report.inspect.format == "sharded-safetensors"

@@ -18,6 +18,8 @@ from typing import BinaryIO
 from ..checkpoint import Checkpoint
 from ..errors import InvalidCheckpointError, UnsupportedFormatError, UsageError
 from ..http import RetryPolicy
+from ..pickle_safety import is_npz
+from ..render import plural
 from ..sources import Source, resolve
 from . import safetensors as st
 from . import torch_pickle as tp
@@ -79,6 +81,10 @@ def open_source(resolved: Source, **options) -> Checkpoint:
 
 
 def _open_file(resolved: Source, options: dict) -> Checkpoint:
+    if resolved.format == "zip" and resolved.path is not None and _npz(resolved.path):
+        raise UnsupportedFormatError("a NumPy .npz archive, not a checkpoint", path=resolved.given,
+                                     fix="load it with numpy.load and save the tensors with safetensors "
+                                         "(`ckpt scan` tells whether it holds pickled objects)")
     reader = FORMATS.get(resolved.format)
     if reader is None:
         if resolved.format == "unknown" and resolved.path is not None and resolved.path.suffix == ".safetensors" \
@@ -104,13 +110,18 @@ def _reader_options(accepted: tuple[str, ...], options: dict, source: str) -> di
     return {k: v for k, v in options.items() if k in accepted}
 
 
+def _npz(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return is_npz(handle)
+
+
 def _remote_bookkeeping(checkpoint: Checkpoint, resolved: Source) -> None:
     checkpoint.commit = resolved.commit
     if resolved.fileobj is not None:
         fetched, total, requests = resolved.bytes_fetched(), resolved.fileobj.size, resolved.fileobj.requests
         checkpoint.bytes_read = fetched
         checkpoint.notes.append(f"read remotely at commit {resolved.commit}: {fetched} of {total} bytes "
-                                f"fetched in {requests} range requests")
+                                f"fetched in {plural(requests, 'range request')}")
     else:  # an index: what its shards fetched
         checkpoint.bytes_read = sum(part.bytes_read or 0 for part in checkpoint.shards.values())
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..checkpoint import Checkpoint
-from ..errors import UsageError
+from ..errors import InvalidCheckpointError, UsageError
+from ..fs import crc32_range
 from ..inert import (
     Contents,
     MappedStorages,
@@ -32,6 +33,7 @@ from ..inert import (
 )
 from ..meta import TensorMeta
 from ..pickle_safety import check_zip_records
+from ..render import plural
 from ..selection import TOP
 from .wrappers import choose
 
@@ -61,6 +63,7 @@ class TorchCheckpoint(Checkpoint):
             self.not_executed.setdefault(name, [])
         self.notes = [*contents.notes, *selection.notes, *_summary(selection, self.not_executed)]
         self._root, self._refs, self._storages = contents.root, selection.state, storages
+        self._records = contents.records
         self._metas = {name: TensorMeta.of(name, ref.shape, ref.dtype) for name, ref in self._refs.items()}
         self.aliases = _alias_groups(self._refs)
 
@@ -69,6 +72,25 @@ class TorchCheckpoint(Checkpoint):
         if self._storages is None:
             return None
         return self._storages.byte_span(self._refs[key])
+
+    def check_stored_sums(self) -> int:
+        """The CRC-32 of every storage record the selected tensors use. torch.load never checks
+        them, so a file damaged after torch.save loads without a word. A file saved with
+        ``torch.serialization.set_crc32_options(False)`` has none to check."""
+        if self._storages is None:
+            return 0
+        used = {ref.storage.key for ref in self._refs.values() if ref.storage.key in self._records}
+        checked = 0
+        for key in sorted(used):
+            offset, size, crc = self._records[key]
+            if crc32_range(self._storages.path, offset, size) != crc:
+                raise InvalidCheckpointError(f"storage record data/{key} fails its CRC-32 check: its bytes changed "
+                                     "after torch.save wrote them", path=self.source,
+                                     key=next(k for k, r in self._refs.items() if r.storage.key == key),
+                                     fix="download or copy the file again (torch.load would read the damaged "
+                                         "values without a word)")
+            checked += 1
+        return checked
 
     def _load_tensor(self, key: str):
         if self._storages is None:
@@ -127,13 +149,13 @@ def _alias_groups(refs: dict[str, TensorRef]) -> list[list[str]]:
 
 def _summary(selection, not_executed: dict[str, list[str]]) -> list[str]:
     """One line each for what else the file holds, so nothing goes unmentioned."""
-    lines = [f"also found: {a.select} ({a.tensors} tensors, {a.nbytes:,} bytes): --select {a.select}"
+    lines = [f"also found: {a.select} ({plural(a.tensors, 'tensor')}, {a.nbytes:,} bytes): --select {a.select}"
              for a in selection.alternatives]
     accounting = selection.accounting
     if any(b.kind != "selected" for b in accounting.buckets):
-        elsewhere = ", ".join(f"{b.tensors} {b.kind} under {b.path or TOP} ({b.nbytes:,} bytes)"
+        elsewhere = ", ".join(b.describe()
                               for b in accounting.buckets if b.kind != "selected")
-        lines.append(f"the file holds {accounting.tensors} tensors ({accounting.nbytes:,} bytes); besides the "
+        lines.append(f"the file holds {plural(accounting.tensors, 'tensor')} ({accounting.nbytes:,} bytes); besides the "
                      f"selected ones: {elsewhere}")
     if not_executed:
         outer = _outermost(not_executed)

@@ -73,15 +73,16 @@ def download(repo_id: str, filenames: Sequence[str] = (), *, revision: str = "ma
              endpoint: str | None = None, token: str | bool | None = None, lock: str | Path | None = None,
              locked: bool = False, retry: RetryPolicy | None = None, max_workers: int = 4,
              progress: bool | None = None, connections: int = DEFAULT_CONNECTIONS,
-             chunk_size: int | str = DEFAULT_CHUNK_SIZE) -> DownloadResult:
+             chunk_size: int | str = DEFAULT_CHUNK_SIZE, pinned: str | None = None) -> DownloadResult:
     """Download ``filenames`` (all files of the revision when empty) of ``repo_id`` at one commit,
     verified, into the hub cache (or ``local_dir``). With ``lock``, record what was fetched; with
     ``locked=True``, fetch exactly what ``lock`` records and fail if the server's bytes differ.
     A file above ``chunk_size`` is fetched in ranges over up to ``connections`` connections; at
-    most ``connections`` requests run at once across the ``max_workers`` files in flight."""
+    most ``connections`` requests run at once across the ``max_workers`` files in flight. ``pinned``:
+    the commit ``revision`` was already resolved to (see ``plan_download``)."""
     plan = plan_download(repo_id, filenames, revision=revision, cache_dir=cache_dir, local_dir=local_dir,
                          endpoint=endpoint, token=token, lock=lock, locked=locked, retry=retry,
-                         connections=connections, chunk_size=chunk_size)
+                         connections=connections, chunk_size=chunk_size, pinned=pinned)
     return execute(plan, max_workers=max_workers, progress=progress)
 
 

@@ -21,7 +21,7 @@ from ..convert_plan import parse_size
 from ..errors import IntegrityError, UsageError
 from ..fs import COMMIT_RE, SHA256_RE, check_output_name, sha256_file
 from ..http import RetryPolicy, endpoint_url, head_file, host, hub_errors, request_headers, with_retries
-from ..render import human_bytes, markdown_table, rich_table
+from ..render import human_bytes, markdown_table, plural, rich_table
 from .layout import CacheLayout, LocalDirLayout, default_cache_dir
 from .lockfile import LockFile, read_lock
 from .ranges import DEFAULT_CHUNK_SIZE, plan_ranges
@@ -99,7 +99,7 @@ class DownloadPlan:
     def _title(self) -> str:
         return (f"{self.repo_id} @ {self.revision} -> {self.commit}: would fetch "
                 f"{human_bytes(self.bytes_to_fetch)} ({sum(f.action != 'cached' for f in self.files)} of "
-                f"{len(self.files)} files)")
+                f"{plural(len(self.files), 'file')})")
 
     def to_markdown(self) -> str:
         return f"**{self._title()}**\n\n" + markdown_table(self._HEADERS, self._rows())
@@ -113,8 +113,10 @@ def plan_download(repo_id: str, filenames: Sequence[str] = (), *, revision: str 
                   cache_dir: str | Path | None = None, local_dir: str | Path | None = None,
                   endpoint: str | None = None, token: str | bool | None = None, lock: str | Path | None = None,
                   locked: bool = False, retry: RetryPolicy | None = None, connections: int = DEFAULT_CONNECTIONS,
-                  chunk_size: int | str = DEFAULT_CHUNK_SIZE) -> DownloadPlan:
-    """The plan for ``download``; nothing is written. See the module docstring."""
+                  chunk_size: int | str = DEFAULT_CHUNK_SIZE, pinned: str | None = None) -> DownloadPlan:
+    """The plan for ``download``; nothing is written. See the module docstring. ``pinned``: the
+    commit ``revision`` was already resolved to (by a check just before), so no request resolves it
+    again and the branch or tag still gets its ref in the cache."""
     if cache_dir is not None and local_dir is not None:
         raise UsageError("pass --cache-dir or --local-dir, not both",
                          fix="--local-dir writes plain files; --cache-dir the hub cache layout")
@@ -135,8 +137,8 @@ def plan_download(repo_id: str, filenames: Sequence[str] = (), *, revision: str 
     if lockfile is not None:
         plan.revision, plan.commit = lockfile.revision, lockfile.commit
         requested = _locked_files(lockfile, requested, lock)
-    elif COMMIT_RE.match(revision):
-        plan.commit = revision
+    elif pinned is not None or COMMIT_RE.match(revision):
+        plan.commit = pinned or revision
     elif requested:
         metas[requested[0]] = head_file(repo_id, requested[0], revision, endpoint=plan.endpoint, token=token,
                                         policy=plan.policy)  # its X-Repo-Commit pins the whole call
