@@ -39,6 +39,7 @@ LEGACY_PICKLES = ("magic", "protocol", "sys_info", "object", "storage_keys")
 BOMB_RATIO, BOMB_FLOOR = 100, 16 * 1024 * 1024
 MAX_LINE = 16 * 1024 * 1024  # longest text-protocol line we read (one GLOBAL, STRING, ...)
 BAD_FILE = "the file is damaged or not a checkpoint: download or save it again"
+MAX_PICKLES_SHOWN = 12  # pickles named in a table's title; JSON lists every one
 
 # Opcodes the weights-only unpickler implements; any other makes torch refuse the file even
 # when every global is allowed (reported as a note, the verdict is about code, not opcodes).
@@ -126,7 +127,10 @@ class ScanReport:
         from rich.text import Text
 
         style = "bold green" if self.verdict == "safe" else "bold red"
-        table = rich_table(f"{self.format}: pickles {', '.join(self.pickles) or '(none)'}",
+        shown = ", ".join(self.pickles[:MAX_PICKLES_SHOWN]) or "(none)"
+        if len(self.pickles) > MAX_PICKLES_SHOWN:  # a DCP folder holds a pickle per chunk
+            shown += f" and {len(self.pickles) - MAX_PICKLES_SHOWN} more"
+        table = rich_table(f"{self.format}: pickles {shown}",
                            ["global", "allowed", "calls", "pickle"], self._rows(), justify_right=("calls",))
         notes = [Text(f"note: {n}", style="dim") for n in self.notes]
         return Group(Text(self._headline(), style=style), table, *notes)
@@ -499,8 +503,11 @@ def _scan_stream(report: ScanReport, fileobj: BinaryIO, size: int, allow) -> Non
 
 
 
-def scan_file(fileobj: BinaryIO, source: str, size: int | None = None, kind: str | None = None) -> ScanReport:
-    """Walk every pickle of one file (a torch zip, a legacy torch file or a plain pickle stream)."""
+def scan_file(fileobj: BinaryIO, source: str, size: int | None = None, kind: str | None = None,
+              also_allowed: frozenset[str] = frozenset()) -> ScanReport:
+    """Walk every pickle of one file (a torch zip, a legacy torch file or a plain pickle stream).
+    ``also_allowed``: ``module.name`` globals allowed beside the weights-only allow-list (the data
+    classes of a DCP ``.metadata``)."""
     if size is None:
         size = fileobj.seek(0, io.SEEK_END)
     if kind is None:
@@ -508,10 +515,12 @@ def scan_file(fileobj: BinaryIO, source: str, size: int | None = None, kind: str
         kind = detect(fileobj.read(HEAD_BYTES))
     fileobj.seek(0)
     report = ScanReport(source, "torch-zip" if kind == "zip" else "pickle")
+    allowed, blocked = allow_list()
+    allow = (allowed | also_allowed, blocked)
     if kind == "zip":
-        _scan_zip(report, fileobj, allow_list())
+        _scan_zip(report, fileobj, allow)
     elif kind in ("pickle", "torch-legacy"):
-        _scan_stream(report, fileobj, size, allow_list())
+        _scan_stream(report, fileobj, size, allow)
     else:
         raise InvalidCheckpointError("not a pickle or a torch zip archive", path=source, fix=BAD_FILE)
     return report
