@@ -32,10 +32,13 @@ from .convert_plan import (
     Planned,
     plan_conversion,
 )
+from .dcp_writer import METADATA_FILE, dcp_file, write_dcp
 from .errors import IntegrityError, InvalidCheckpointError, OutputExistsError, UsageError
 from .formats import open_checkpoint
+from .formats.dcp import open_path as open_dcp
 from .formats.safetensors import parse_header
 from .fs import AtomicFile, AtomicFolder, check_outputs, disk_full_as_error
+from .meta import torch_dtype
 from .remap import Rule, coerce_rules, rules_to_json
 from .render import human_bytes, markdown_table, rich_table
 from .safetensors_writer import FileRange, chunk_bytes_view, tensor_chunks, write_safetensors
@@ -165,6 +168,77 @@ def convert_to_safetensors(src: str | Path, dst: str | Path, *, rules=None,
     return result
 
 
+def convert_to_dcp(src: str | Path, dst: str | Path, *, rules=None, dtype: str | None = None,
+                   verify: bool = True, force: bool = False, extras_path: str | Path | None = None,
+                   select: str | None = None, inert: bool = False) -> ConversionResult:
+    """Convert any checkpoint the readers open to a torch.distributed.checkpoint folder at ``dst``
+    (``.metadata`` and ``__0_0.distcp``), written by torch's own ``dcp.save`` one tensor at a time,
+    so that ``torch.distributed.checkpoint.load`` reads it into a model sharded any way. Every name
+    is written (aliases too: a loader asks for each), flat, as the state dict's keys; the rules,
+    ``dtype``, ``select`` and ``inert`` are as for ``convert_to_safetensors``. The folder appears
+    only once it is complete and verified bit for bit."""
+    rules = coerce_rules(rules)
+    folder = Path(dst)
+    with open_checkpoint(src, select=select, inert=inert) as checkpoint:
+        _check_selection(checkpoint)
+        plan = plan_conversion(checkpoint.metas(), [], rules, folder, dtype=dtype, source=str(src))
+        extras_file = Path(extras_path) if extras_path else None
+        _check_dcp_destination(folder, checkpoint.files, [extras_file] if extras_file else [], force)
+        entries = [(item.meta, _tensor_of(checkpoint, item.source_key)) for item in plan.tensors]
+        with disk_full_as_error(dst, plan.bytes), AtomicFolder(folder, dcp_file) as staging:
+            written = write_dcp(staging.path, entries)
+            verified = verify_dcp(staging.path, plan.tensors, checkpoint, str(folder)) if verify else 0
+            staging.commit()
+            written_extras = _write_extras(checkpoint, extras_file) if extras_file else []
+        notes = [*checkpoint.notes, "a DCP folder has no place for free-form metadata: where it came from (source, "
+                                    "remap rules) is not recorded in it"]
+        return ConversionResult(
+            source=str(src), destination=str(dst), files=[str(folder / METADATA_FILE)] + sorted(
+                str(p) for p in folder.iterdir() if p.name.endswith(".distcp")),
+            tensors=len(plan.tensors), aliases_removed={}, renamed=plan.remap.renamed, dropped=plan.dropped,
+            bytes_written=written, verified=verify, verified_tensors=verified, dtype=plan.dtype,
+            extras=dict(checkpoint.extras), extras_written=written_extras,
+            extras_path=str(extras_file) if extras_file else None,
+            unmatched_rules=[r.to_dict() for r in plan.remap.unmatched_rules], notes=notes)
+
+
+def _tensor_of(checkpoint, key: str):
+    return lambda: checkpoint.tensor(key)
+
+
+def _check_dcp_destination(folder: Path, sources: list[Path], others: list[Path], force: bool) -> None:
+    if not folder.parent.is_dir():
+        raise UsageError("the destination's folder does not exist", path=str(folder.parent),
+                         fix=f"create it first (mkdir -p {folder.parent})")
+    if folder.exists() and not folder.is_dir():
+        raise OutputExistsError("a DCP folder cannot replace a file", path=str(folder), fix="choose a folder name")
+    existing = [p for p in folder.iterdir() if dcp_file(p.name)] if folder.is_dir() else []
+    if existing and not force:
+        raise OutputExistsError(f"the folder already holds a DCP checkpoint ({existing[0].name})", path=str(folder),
+                                fix="pass --force to replace it, or choose an empty folder")
+    check_outputs(existing + others, sources, force)  # replacing the folder's files: never the source's
+
+
+def verify_dcp(folder: Path, planned: Sequence[Planned], checkpoint, shown: str) -> int:
+    """Reopen a written DCP folder with this package's reader: the planned names, shapes and
+    dtypes, and every tensor's bytes equal, bit for bit, to its (cast) source."""
+    import torch
+
+    with open_dcp(folder / METADATA_FILE, shown, select=".") as written:
+        listed = {n: (m.shape, m.dtype) for n, m in written.metas().items()}
+        if listed != {item.meta.name: (item.meta.shape, item.meta.dtype) for item in planned}:
+            raise IntegrityError("the written folder does not list the planned tensors", path=shown,
+                                 fix="report this as a bug; nothing was written")
+        for item in planned:
+            got = written.tensor(item.meta.name).reshape(-1).view(torch.uint8)
+            want = checkpoint.tensor(item.source_key).to(torch_dtype(item.meta.dtype)).contiguous()
+            if not torch.equal(got, want.reshape(-1).view(torch.uint8)):
+                raise IntegrityError("written bytes differ from the source", path=shown, key=item.meta.name,
+                                     fix="check the disk; nothing was kept")
+            del got, want
+    return len(planned)
+
+
 def _check_selection(checkpoint: Checkpoint) -> None:
     """Refuse to convert a state dict chosen by content that holds a minority of the file's
     model-like tensor bytes: the rest would be left behind without a word. Optimizer state is not
@@ -251,9 +325,13 @@ class _ShardWriter:
         """The tensor, or where its unchanged bytes lie in the source file when the reader knows
         (then no tensor is ever built)."""
         key = item.source_key
-        span = getattr(self.checkpoint, "byte_span", None)
-        if span is not None and item.meta.dtype == self.checkpoint.meta(key).dtype:
-            found = span(key)
+        if item.meta.dtype == self.checkpoint.meta(key).dtype:
+            spans = getattr(self.checkpoint, "byte_spans", None)  # a tensor in several ranges (DCP chunks)
+            found = spans(key) if spans is not None else None
+            if found is not None:
+                return lambda: [FileRange(*part) for part in found]
+            span = getattr(self.checkpoint, "byte_span", None)
+            found = span(key) if span is not None else None
             if found is not None:
                 return lambda: FileRange(*found)
         return lambda: self.checkpoint.tensor(key)

@@ -152,7 +152,8 @@ def copy_span(out: AtomicFile, src_fd: int, offset: int, nbytes: int) -> int:
 def write_safetensors(out: AtomicFile, entries: Iterable[tuple[TensorMeta, Callable[[], object]]],
                       metadata: Mapping[str, str] | None = None) -> int:
     """Write a safetensors file to ``out``: ``entries`` are (output meta, a callable returning the
-    source tensor), read and written one at a time. Returns the bytes written."""
+    source tensor, a ``FileRange`` or a list of them), read and written one at a time. Returns the
+    bytes written."""
     entries = list(entries)
     header = build_header((meta for meta, _ in entries), metadata)
     total = out.write(header)
@@ -198,7 +199,12 @@ def _write_range(out: AtomicFile, meta: TensorMeta, source: FileRange) -> int:
 
 
 def _write_tensor(out: AtomicFile, meta: TensorMeta, tensor, spans: FileSpans | None) -> int:
-    written = _write_range(out, meta, tensor) if isinstance(tensor, FileRange) else _write_torch(out, meta, tensor, spans)
+    if isinstance(tensor, FileRange):
+        written = _write_range(out, meta, tensor)
+    elif isinstance(tensor, list):  # ranges in order (a DCP tensor's chunks): copied one after another
+        written = sum(_write_range(out, meta, part) for part in tensor)
+    else:
+        written = _write_torch(out, meta, tensor, spans)
     if written != meta.nbytes:
         raise InvalidCheckpointError(f"wrote {written} bytes but the header promises {meta.nbytes}",
                                      key=meta.name, fix="the source file changed or shrank while reading")
