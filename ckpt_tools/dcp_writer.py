@@ -6,7 +6,8 @@ and the layout stays whatever torch's current version writes. What changes is wh
 come from: ``dcp.save`` is given meta-device placeholders (shapes and dtypes only, no memory) and
 a planner whose ``resolve_data`` reads each tensor from the source only when the writer asks for
 it. torch's writer resolves and writes the items one by one, so memory holds about one tensor,
-not the state. Run in one process, ``dcp.save`` needs no process group.
+not the state. It runs in this process alone (``no_dist``): no process group is needed, and one
+that is initialised is left alone.
 """
 
 from __future__ import annotations
@@ -50,5 +51,6 @@ def write_dcp(folder: Path, entries: Sequence[tuple[TensorMeta, Callable[[], obj
     with warnings.catch_warnings():
         # "torch.distributed is ... uninitialized, assuming the intent is to save in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        save(placeholders, storage_writer=writer, planner=OnDemand())
+        # no_dist: one process writes every tensor, even inside a process group (no collectives)
+        save(placeholders, storage_writer=writer, planner=OnDemand(), no_dist=True)
     return sum(p.stat().st_size for p in folder.iterdir() if dcp_file(p.name))
