@@ -49,6 +49,7 @@ class InspectReport:
     other_files: list[str] = field(default_factory=list)  # a folder's files beside the one read
     file_tensors: int | None = None  # every tensor the file holds, when it holds more than the listing
     show_keys: bool | None = None  # one row per tensor; None: when there are few (LEAF_ROWS)
+    chunks: dict[str, list[dict]] | None = None  # a DCP folder's: {key: [{file, rank, offsets, sizes, nbytes}]}
 
     @property
     def unique(self) -> dict[str, TensorMeta]:
@@ -91,6 +92,7 @@ class InspectReport:
             "selection": self.selection,
             "not_executed": list(self.not_executed),
             "other_files": list(self.other_files),
+            **({"chunks": self.chunks} if self.chunks is not None else {}),
         }
 
     def _summary_lines(self) -> list[str]:
@@ -110,6 +112,10 @@ class InspectReport:
         return self.show_keys if self.show_keys is not None else len(self.tensors) <= LEAF_ROWS
 
     def _table(self) -> tuple[list[str], list[list[object]]]:
+        if self._leaves() and self.chunks is not None:
+            return (["key", "shape", "dtype", "bytes", "chunks (rank: range)"],
+                    [[m.name, "x".join(map(str, m.shape)) or "scalar", m.dtype, human_bytes(m.nbytes),
+                      _chunk_text(self.chunks.get(m.name, []))] for m in self.tensors.values()])
         if self._leaves():
             return (["key", "shape", "dtype", "bytes"],
                     [[m.name, "x".join(map(str, m.shape)) or "scalar", m.dtype, human_bytes(m.nbytes)]
@@ -128,6 +134,19 @@ class InspectReport:
         summary = "\n".join(f"- {line}" for line in self._summary_lines())
         headers, rows = self._table()
         return f"### {Path(self.source).name}\n\n{summary}\n\n{markdown_table(headers, rows)}\n"
+
+
+def _chunk_text(chunks: list[dict]) -> str:
+    """``0: 0-129, 1: 129-257`` (what each rank wrote along the one dimension the chunks split;
+    ``dim 1:`` first when it is not the first), or how many chunks there are."""
+    split = [d for d in range(len(chunks[0]["offsets"]) if chunks else 0)
+             if len({c["offsets"][d] for c in chunks}) > 1]
+    if len(split) != 1:
+        return f"{len(chunks)} chunk{'' if len(chunks) == 1 else 's'}"
+    d = split[0]
+    parts = [f"{'?' if c['rank'] is None else c['rank']}: {c['offsets'][d]}-{c['offsets'][d] + c['sizes'][d]}"
+             for c in chunks[:4]]
+    return ("" if d == 0 else f"dim {d}: ") + ", ".join(parts) + (f" (+{len(chunks) - 4})" if len(chunks) > 4 else "")
 
 
 def _both(n: int, short) -> str:
@@ -158,12 +177,14 @@ def listing(checkpoint: Checkpoint, source: str, *, pattern: str | None = None, 
               "accounting": checkpoint.accounting.to_dict() if checkpoint.accounting else None}
     if selection is None and checkpoint.picked is None:
         chosen = None
+    layout = getattr(checkpoint, "chunk_layout", None)
+    chunks = {k: v for k, v in layout().items() if k in tensors} if layout is not None else None
     return InspectReport(
         source=str(source), format=checkpoint.format, wrapper=checkpoint.wrapper, tensors=tensors,
         aliases=[g for g in aliases if len(g) > 1], extras=dict(checkpoint.extras),
         metadata=dict(checkpoint.metadata), notes=list(checkpoint.notes), bytes_read=checkpoint.bytes_read,
         depth=depth, selection=chosen, not_executed=sorted(checkpoint.not_executed),
-        other_files=list(checkpoint.other_files), show_keys=show_keys)
+        other_files=list(checkpoint.other_files), show_keys=show_keys, chunks=chunks)
 
 
 def inspect_checkpoint(source: str | Path, *, filter: str | None = None, depth: int = 3,

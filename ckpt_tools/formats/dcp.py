@@ -470,8 +470,9 @@ class DcpCheckpoint(Checkpoint):
             self.data_bytes_read += len(head)
             found = None
             if is_safetensors(head):
-                window = FileWindow(fd, chunk.offset, os.fstat(fd).st_size - chunk.offset)
-                found = parse_header(window.read(8), window.read, window.seek(0, os.SEEK_END), where)
+                size = os.fstat(fd).st_size - chunk.offset
+                window = FileWindow(fd, chunk.offset, size)
+                found = parse_header(window.read(8), window.read, size, where)
                 self.data_bytes_read += window.bytes_read
             self._blobs[place] = found
         return self._blobs[place]
