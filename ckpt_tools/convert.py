@@ -19,7 +19,7 @@ import contextlib
 import json
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from .errors import IntegrityError, InvalidCheckpointError, OutputExistsError, U
 from .formats import open_checkpoint
 from .formats.dcp import open_path as open_dcp
 from .formats.safetensors import parse_header
-from .fs import AtomicFile, AtomicFolder, check_outputs, disk_full_as_error
+from .fs import AtomicFile, AtomicFolder, check_outputs, disk_full_as_error, same_bytes
 from .meta import torch_dtype
 from .remap import Rule, coerce_rules, rules_to_json
 from .render import human_bytes, markdown_table, rich_table
@@ -284,6 +284,7 @@ class _ShardWriter:
         self.destination = destination
         self.verify = verify
         self.committed: list[Path] = []
+        self.ranges: dict[str, list[FileRange]] = {}  # output name -> the source ranges copied for it
 
     def write(self, shards: list[list[Planned]], outputs: list[Path], metadata: dict[str, str],
               aliases: dict[str, str]) -> tuple[int, int]:
@@ -308,7 +309,8 @@ class _ShardWriter:
                 entries = [(item.meta, self._loader(item)) for item in shard]
                 total += write_safetensors(handle, entries, self._shard_metadata(metadata, shard, aliases))
                 if self.verify:
-                    verified += verify_file(handle.path, shard, self.checkpoint, str(self._shown(out)))
+                    verified += verify_file(handle.path, shard, self.checkpoint, str(self._shown(out)),
+                                            ranges=self.ranges)
             total += self._write_index(shards, outputs, metadata, pending)
             for handle in pending:
                 handle.commit()
@@ -329,7 +331,8 @@ class _ShardWriter:
             spans = getattr(self.checkpoint, "byte_spans", None)  # a tensor in several ranges (DCP chunks)
             found = spans(key) if spans is not None else None
             if found is not None:
-                return lambda: [FileRange(*part) for part in found]
+                parts = self.ranges[item.meta.name] = [FileRange(*part) for part in found]
+                return lambda: parts
             span = getattr(self.checkpoint, "byte_span", None)
             found = span(key) if span is not None else None
             if found is not None:
@@ -370,11 +373,13 @@ def restore_aliases(state: dict, metadata: dict[str, str] | None) -> dict:
     return state
 
 
-def verify_file(path: str, shard: Sequence[Planned], checkpoint, shown: str) -> int:
-    """Reopen a written file and compare every tensor, bit for bit, with its (cast) source."""
+def verify_file(path: str, shard: Sequence[Planned], checkpoint, shown: str,
+                ranges: Mapping[str, list[FileRange]] | None = None) -> int:
+    """Reopen a written file and compare every tensor, bit for bit, with its (cast) source: the
+    reader's tensor, or for a tensor copied from ranges of the source's files (``ranges``, by
+    output name: a DCP tensor's chunks) those bytes, read again (no tensor is built)."""
 
     import numpy as np
-
 
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
@@ -388,9 +393,15 @@ def verify_file(path: str, shard: Sequence[Planned], checkpoint, shown: str) -> 
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             data = np.frombuffer(mapped, dtype=np.uint8)
+            maps: dict = {}  # source files of tensors compared by their ranges
             try:
                 for item in shard:
                     begin = start + offsets[item.meta.name][0]
+                    if ranges and item.meta.name in ranges:
+                        if not _equal_to_ranges(data, begin, ranges[item.meta.name], maps):
+                            raise IntegrityError("written bytes differ from the source", path=shown,
+                                                 key=item.meta.name, fix="check the disk; nothing was kept")
+                        continue
                     tensor = checkpoint.tensor(item.source_key)
                     for chunk in tensor_chunks(tensor, item.meta.dtype, VERIFY_CHUNK):
                         want = chunk_bytes_view(chunk)
@@ -401,12 +412,36 @@ def verify_file(path: str, shard: Sequence[Planned], checkpoint, shown: str) -> 
                     del tensor
             finally:
                 del data
+                for source in maps.values():
+                    with contextlib.suppress(BufferError):
+                        source.close()
         finally:
             # an interrupt can leave views of the map alive in its traceback: the map then closes
             # when they go, and the interrupt (not a BufferError) is what propagates
             with contextlib.suppress(BufferError):
                 mapped.close()
     return len(shard)
+
+
+def _equal_to_ranges(data, begin: int, parts: list[FileRange], maps: dict) -> bool:
+    """``data`` (the written file, mapped) holds, from ``begin`` on, the bytes of ``parts`` one
+    after another; each source file is mapped once (``maps``: path -> map) and compared in place
+    (no tensor is built, nothing is copied)."""
+    import numpy as np
+
+    for part in parts:
+        if part.path not in maps:
+            with open(part.path, "rb") as handle:
+                maps[part.path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        source = np.frombuffer(maps[part.path], dtype=np.uint8)
+        if part.offset + part.nbytes > source.size:
+            return False
+        for done in range(0, part.nbytes, VERIFY_CHUNK):
+            n = min(VERIFY_CHUNK, part.nbytes - done)
+            if not same_bytes(data[begin + done:begin + done + n], source[part.offset + done:part.offset + done + n]):
+                return False
+        begin += part.nbytes
+    return True
 
 
 def _write_extras(checkpoint, path: Path) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from . import errors
 from .errors import CkptError, UnsupportedFormatError
-from .meta import DTYPES
+from .meta import DTYPES, torch_dtype
 
 T = TypeVar("T")
 
@@ -60,19 +60,29 @@ def owned_box(tensor, name: str) -> tuple[tuple[int, ...], tuple[int, ...], Any]
     return tuple(int(o) for o in chunks[0].offsets), tuple(int(s) for s in chunks[0].sizes), local
 
 
-def read_slice(checkpoint, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[Any, int]:
+def read_slice(checkpoint, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...],
+               out=None) -> tuple[Any, int]:
     """The block ``[offsets, offsets + sizes)`` of a checkpoint tensor and the bytes read for it:
     readers that know their files (safetensors, DCP, a sharded index of them) read only the block's
-    byte runs; any other reader maps the tensor and copies the block (its bytes are counted)."""
+    byte runs, straight into ``out`` when it is given (a contiguous CPU tensor of the block's shape
+    and the checkpoint's dtype); any other reader maps the tensor and copies the block (its bytes
+    are counted)."""
     reader = getattr(checkpoint, "read_slice", None)
     if reader is not None:
         before = checkpoint.data_bytes_read
-        block = reader(key, offsets, sizes)
+        block = reader(key, offsets, sizes, out=out)
         return block, checkpoint.data_bytes_read - before
-    whole = checkpoint.tensor(key)
-    block = whole[tuple(slice(o, o + n) for o, n in zip(offsets, sizes, strict=True))].clone()
+    block = checkpoint.tensor(key)[tuple(slice(o, o + n) for o, n in zip(offsets, sizes, strict=True))]
+    block = block.clone() if out is None else out.copy_(block)
     meta = checkpoint.meta(key)
     return block, math.prod(sizes) * int(DTYPES[meta.dtype][0])
+
+
+def fits(buffer, sizes: tuple[int, ...], dtype: str) -> bool:
+    """Whether a block of ``sizes`` and ``dtype`` (a safetensors name) can be read straight into
+    ``buffer``."""
+    return (tuple(buffer.shape) == tuple(sizes) and buffer.is_contiguous() and buffer.device.type == "cpu"
+            and buffer.dtype == torch_dtype(dtype))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ what each read (``distributed`` has the collectives).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,10 +27,19 @@ from typing import Any
 
 from .checkpoint import Checkpoint
 from .diff import CoverageRow, Entry, KeyReport, Problem, compare
-from .distributed import agree, gather_json, is_sharded, on_first_rank, owned_box, rank_and_size, read_slice
+from .distributed import (
+    agree,
+    fits,
+    gather_json,
+    is_sharded,
+    on_first_rank,
+    owned_box,
+    rank_and_size,
+    read_slice,
+)
 from .errors import LoadRefusedError, UsageError
 from .formats import open_checkpoint
-from .meta import TensorMeta
+from .meta import TensorMeta, torch_dtype
 from .presets import ModelPreset, get_preset
 from .provenance import WeightSource, record
 from .targets import checkpoint_side, is_module, module_side
@@ -246,15 +256,19 @@ def _load_owned(model, ckpt, entries: list[Entry], verify: bool) -> dict:
     with torch.no_grad():
         for entry in entries:
             offsets, sizes, local = _owned(model, entry.name)
-            block, read = read_slice(ckpt, entry.ckpt_key, offsets, sizes)
-            local.copy_(block)  # casts to the model's dtype
+            if fits(local, sizes, entry.ckpt.dtype):  # read straight into the model's memory
+                _, read = read_slice(ckpt, entry.ckpt_key, offsets, sizes, out=local)
+            else:
+                block, read = read_slice(ckpt, entry.ckpt_key, offsets, sizes)
+                local.copy_(block)  # casts to the model's dtype
+                del block
             nbytes, slices = nbytes + read, slices + 1
-            del block
         copied = time.perf_counter() - started
-        checked, mismatched = 0, []
+        checked, mismatched, scratch = 0, [], {}
         for entry in entries if verify else []:
             offsets, sizes, local = _owned(model, entry.name)
-            block, read = read_slice(ckpt, entry.ckpt_key, offsets, sizes)
+            block, read = read_slice(ckpt, entry.ckpt_key, offsets, sizes,
+                                     out=_scratch(scratch, sizes, entry.ckpt.dtype))
             checked += read
             if not _same(local, block):
                 mismatched.append(entry.name)
@@ -263,6 +277,17 @@ def _load_owned(model, ckpt, entries: list[Entry], verify: bool) -> dict:
     return {"rank": rank, "bytes_read": nbytes, "verify_bytes_read": checked, "slices": slices,
             "mismatched": mismatched, "copy_seconds": round(copied, 3),
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _scratch(buffers: dict, sizes: tuple[int, ...], dtype: str):
+    """A reused buffer (one per dtype, grown as needed) to read a block into for its check."""
+    import torch
+
+    need = math.prod(sizes)
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < need:
+        buffer = buffers[dtype] = torch.empty(need, dtype=torch_dtype(dtype))
+    return buffer[:need].view(sizes)
 
 
 def _owned(model, name: str):

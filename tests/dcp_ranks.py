@@ -100,7 +100,8 @@ def scenario(load, model, original: dict) -> dict:
     return {"equal": same_as(model, original), "verdict": report.verdict, "verified": report.load["verified"],
             "bytes_read": mine["bytes_read"], "verify_bytes_read": mine["verify_bytes_read"],
             "owned": owned_bytes(model), "state_bytes": report.load["state_bytes"],
-            "all_ranks_bytes": [r["bytes_read"] for r in report.load["ranks"]], "world": report.load["world_size"]}
+            "all_ranks_bytes": [r["bytes_read"] for r in report.load["ranks"]], "world": report.load["world_size"],
+            "markdown": report.to_markdown()}
 
 
 def main(work: Path) -> None:

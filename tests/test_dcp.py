@@ -109,6 +109,12 @@ def test_fsdp2_from_dcp_reads_about_one_nth_per_rank(world, request):
     assert max(r["bytes_read"] for r in results) < 1.2 * share
 
 
+def test_the_report_says_what_each_rank_read(two):
+    result = _results(two)[1]["fsdp_from_safetensors"]
+    first, second = result["all_ranks_bytes"]
+    assert f"bytes read of {result['state_bytes']:,}: rank 0 {first:,}, rank 1 {second:,}" in result["markdown"]
+
+
 def test_tensor_parallel_model_covers_shard0_shard1_and_replicate(two):
     placements = _results(two)[0]["tp_from_dcp"]["placements"]
     assert placements == {"embed.weight": ["S(1)"], "body.0.weight": ["S(0)"], "body.0.bias": ["S(0)"],

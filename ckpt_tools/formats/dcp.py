@@ -36,7 +36,7 @@ from ..magic import HEAD_BYTES, is_safetensors
 from ..meta import DTYPES, TensorMeta, torch_dtype
 from ..selection import is_tensor
 from ..sources import check_shard_name
-from .ranges import FileWindow, intersect, read_runs, runs
+from .ranges import FileWindow, intersect, read_runs, runs, slice_buffer
 from .safetensors import parse_header
 from .torch_pickle import check_options
 from .wrappers import choose, selection_notes
@@ -499,20 +499,19 @@ class DcpCheckpoint(Checkpoint):
         entry = self._entries[key]
         return self._read_box(entry, ((0,) * len(entry.shape), entry.shape))
 
-    def read_slice(self, key: str, offsets, sizes):
-        """The block ``[offsets, offsets + sizes)`` of a tensor, reading only the chunks' bytes it covers."""
+    def read_slice(self, key: str, offsets, sizes, out=None):
+        """The block ``[offsets, offsets + sizes)`` of a tensor, reading only the chunks' bytes it
+        covers, into ``out`` when given (a contiguous tensor of the block's shape and dtype)."""
         entry = self.entry(key)
         box = (tuple(int(o) for o in offsets), tuple(int(n) for n in sizes))
         if len(box[0]) != len(entry.shape) or any(o + n > s for o, n, s in zip(*box, entry.shape, strict=True)):
             raise InvalidCheckpointError(f"a slice at {list(box[0])} of size {list(box[1])} does not fit the "
                                          f"shape {list(entry.shape)}", path=self.source, key=key,
                                          fix="check that the model's tensor has the checkpoint's shape")
-        return self._read_box(entry, box)
+        return self._read_box(entry, box, out)
 
-    def _read_box(self, entry: DcpTensor, box):
-        import torch
-
-        out = torch.empty(box[1], dtype=torch_dtype(entry.dtype))
+    def _read_box(self, entry: DcpTensor, box, out=None):
+        out = slice_buffer(out, box[1], entry.dtype, self.source, entry.fqn)
         if out.numel() == 0:
             return out
         itemsize = int(DTYPES[entry.dtype][0])

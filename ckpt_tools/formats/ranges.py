@@ -17,7 +17,8 @@ import os
 from collections.abc import Iterator, Sequence
 from itertools import product
 
-from ..errors import InvalidCheckpointError
+from ..errors import InvalidCheckpointError, UsageError
+from ..meta import torch_dtype
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
 
@@ -65,6 +66,21 @@ def runs(itemsize: int, sizes: Sequence[int], src_shape: Sequence[int], src_at: 
         src = src_base + sum((src_at[i] + k) * src_strides[i] for i, k in enumerate(index))
         dst = dst_base + sum((dst_at[i] + k) * dst_strides[i] for i, k in enumerate(index))
         yield src * itemsize, dst * itemsize, run
+
+
+def slice_buffer(out, sizes: tuple[int, ...], dtype: str, source: str, key: str):
+    """Where a block of ``sizes`` and ``dtype`` (a safetensors name) is read to: ``out`` if given (it
+    must fit exactly and be contiguous), else a new tensor."""
+    want = torch_dtype(dtype)
+    if out is None:
+        import torch
+
+        return torch.empty(sizes, dtype=want)
+    if tuple(out.shape) != tuple(sizes) or out.dtype != want or not out.is_contiguous() or out.device.type != "cpu":
+        raise UsageError(f"the buffer for a {dtype} block {list(sizes)} is a {out.dtype} tensor "
+                         f"{list(out.shape)}{'' if out.is_contiguous() else ', not contiguous'} on {out.device}",
+                         path=source, key=key, fix="pass a contiguous CPU tensor of the block's shape and dtype")
+    return out
 
 
 def byte_view(tensor) -> memoryview:

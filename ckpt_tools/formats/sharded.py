@@ -61,15 +61,16 @@ class ShardedCheckpoint(Checkpoint):
         """Bytes read by ``read_slice``, all shards together."""
         return self._copied + sum(getattr(part, "data_bytes_read", 0) for part in self.shards.values())
 
-    def read_slice(self, key: str, offsets, sizes):
+    def read_slice(self, key: str, offsets, sizes, out=None):
         """A block of a tensor, read by its shard: only its byte runs where the shard's reader can,
         else copied from the mapped tensor (and its bytes counted)."""
         self.meta(key)
         part = self._where[key]
         reader = getattr(part, "read_slice", None)
         if reader is not None:
-            return reader(key, offsets, sizes)
-        block = part.tensor(key)[tuple(slice(o, o + n) for o, n in zip(offsets, sizes, strict=True))].clone()
+            return reader(key, offsets, sizes, out=out)
+        block = part.tensor(key)[tuple(slice(o, o + n) for o, n in zip(offsets, sizes, strict=True))]
+        block = block.clone() if out is None else out.copy_(block)
         self._copied += block.numel() * block.element_size()
         return block
 
