@@ -39,6 +39,7 @@ from .distributed import (
 )
 from .errors import LoadRefusedError, UsageError
 from .formats import open_checkpoint
+from .fs import same_bytes
 from .meta import TensorMeta, torch_dtype
 from .presets import ModelPreset, get_preset
 from .provenance import WeightSource, record
@@ -270,7 +271,8 @@ def _load_owned(model, ckpt, entries: list[Entry], verify: bool) -> dict:
             block, read = read_slice(ckpt, entry.ckpt_key, offsets, sizes,
                                      out=_scratch(scratch, sizes, entry.ckpt.dtype))
             checked += read
-            if not _same(local, block):
+            exact = fits(local, sizes, entry.ckpt.dtype)  # read as it is: compared byte for byte
+            if not (same_bytes(_bytes_of(local), _bytes_of(block)) if exact else _same(local, block)):
                 mismatched.append(entry.name)
             del block
     rank, _ = rank_and_size()
@@ -288,6 +290,12 @@ def _scratch(buffers: dict, sizes: tuple[int, ...], dtype: str):
     if buffer is None or buffer.numel() < need:
         buffer = buffers[dtype] = torch.empty(need, dtype=torch_dtype(dtype))
     return buffer[:need].view(sizes)
+
+
+def _bytes_of(tensor):
+    import torch
+
+    return tensor.reshape(-1).view(torch.uint8).numpy()
 
 
 def _owned(model, name: str):
