@@ -130,39 +130,41 @@ def bench_convert(args: argparse.Namespace, dcp: Path, size: int, largest: int) 
     return out
 
 
-def load_runs(args: argparse.Namespace, source: Path, name: str) -> tuple[list[dict], dict]:
+def load_runs(args: argparse.Namespace, source: Path, name: str) -> tuple[list[dict], dict, list[list[str]]]:
     results = Path(args.out) / f"dcp-load-{name}"
     shutil.rmtree(results, ignore_errors=True)
     common = ["--scale", str(args.scale), "--source", str(source), "--runs", str(args.runs), "--out", str(results)]
-    for cmd in (torchrun("dcp_load_worker.py", *common),
-                [harness.PYTHON, str(harness.HERE / "dcp_load_worker.py"), *common]):
+    commands = [torchrun("dcp_load_worker.py", *common), [harness.PYTHON, str(harness.HERE / "dcp_load_worker.py"),
+                                                           *common]]
+    for cmd in commands:
         proc = subprocess.run(cmd, env=env(), capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"load worker failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
     ranks = [json.loads((results / f"rank-{r}.json").read_text()) for r in range(RANKS)]
     single = json.loads((results / "single.json").read_text())
     shutil.rmtree(results, ignore_errors=True)
-    return ranks, single
+    return ranks, single, commands
 
 
-def stats(label: str, runs: list[float], anon: int) -> harness.Stats:
+def stats(command: list[str], runs: list[float], anon: int) -> harness.Stats:
     """A Stats of the load call's times measured inside the worker (not the process's)."""
-    return harness.Stats([label], [harness.Run(t, anon, anon, 0) for t in runs], "warm")
+    return harness.Stats(command, [harness.Run(t, anon, anon, 0) for t in runs], "warm")
 
 
 def bench_load(args: argparse.Namespace, source: Path, kind: str, size: int) -> None:
-    ranks, single = load_runs(args, source, kind)
+    ranks, single, (sharded, plain) = load_runs(args, source, kind)
     slowest = max(ranks, key=lambda r: sorted(r["load_s"])[len(r["load_s"]) // 2])
     worst = max(r["peak_anon"] - r["floor_anon"] for r in ranks)
-    ours = stats(f"load_checkpoint on {RANKS} ranks (FSDP2)", slowest["load_s"], worst)
-    base = stats("load_checkpoint, one process, unsharded model", single["load_s"],
-                 single["peak_anon"] - single["floor_anon"])
+    ours = stats(sharded, slowest["load_s"], worst)
+    base = stats(plain, single["load_s"], single["peak_anon"] - single["floor_anon"])
     state = ranks[0]["state_bytes"]
     shares = [r["bytes_read"] / state for r in ranks]
     correct = all(r["verified"] and r["values_ok"] for r in [*ranks, single])
     entry = harness.result(
         "dcp", f"load_checkpoint into an FSDP2 model on {RANKS} ranks from {kind} ({human(state)} state), "
-               "vs the single-process load", ours, base, baseline_name=base.command[0], args=args,
+               "vs the single-process load", ours, base,
+        baseline_name="load_checkpoint in one process, into the unsharded model (the same worker without "
+                      "torch.distributed.run)", args=args,
         max_ratio=1.0, size_bytes=size,
         notes=(f"time of the load call (median of {args.runs}; the slowest rank); bytes read per rank "
                f"{', '.join(f'{s:.3f}' for s in shares)} of the state; RssAnon above each process's floor "
