@@ -8,7 +8,7 @@ the errors they raise. No module imports torch, transformers or huggingface_hub 
 from __future__ import annotations
 
 from .checkpoint import Checkpoint
-from .convert import ConversionResult, convert_to_safetensors, restore_aliases
+from .convert import ConversionResult, convert_to_dcp, convert_to_safetensors, restore_aliases
 from .diff import KeyReport, diff_keys
 from .errors import (
     CheckpointNotFoundError,
@@ -43,7 +43,7 @@ __all__ = [
     "DownloadResult", "HubError", "HubServer", "InspectReport", "IntegrityError", "InvalidCheckpointError",
     "KeyReport", "LoadRefusedError", "ModelPreset", "OutputExistsError", "RemapCheckpointResult", "RemapError",
     "RetryPolicy", "Rule", "ScanReport", "TensorMeta", "UnsafePickleError", "UnsupportedFormatError",
-    "UsageError", "ValidationReport", "__version__", "convert_to_safetensors", "diff_keys", "download",
+    "UsageError", "ValidationReport", "__version__", "convert_to_dcp", "convert_to_safetensors", "diff_keys", "download",
     "inspect_checkpoint", "load_checkpoint", "open_checkpoint", "plan_download", "remap_checkpoint",
     "restore_aliases", "scan_pickle", "validate",
 ]

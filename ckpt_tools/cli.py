@@ -19,10 +19,9 @@ import click
 
 from . import demo as demo_module
 from . import hub, server
-from .convert import convert_to_safetensors
 from .diff import diff_keys
 from .errors import CkptError, UsageError
-from .fit import convert_fitting
+from .fit import WRITERS, convert_fitting
 from .fs import atomic_write, check_output_name
 from .html import render_html
 from .inspect import inspect_checkpoint
@@ -278,6 +277,9 @@ def remap(src: str, dst: str, force: bool, select: str | None, inert: bool, **kw
 @click.option("--force", is_flag=True, help="Overwrite existing outputs (never the source itself).")
 @click.option("--extras", "extras_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the non-tensor entries (epoch, config...) that are JSON-able to FILE.")
+@click.option("--to", "to", type=click.Choice(["safetensors", "dcp"]), default="safetensors", show_default=True,
+              help="The output format: safetensors, or a torch.distributed.checkpoint folder (DST_DIR) that "
+                   "torch's dcp.load reads into a sharded model.")
 @click.option("--auto-remap", is_flag=True,
               help="Also apply the remap rules inferred against --model or --against (the result names them).")
 @click.option("--model", "model", metavar="TARGET",
@@ -286,34 +288,43 @@ def remap(src: str, dst: str, force: bool, select: str | None, inert: bool, **kw
 @reader_options
 @format_option
 def convert(src: str, dst: str, dtype: str | None, max_shard_size: str | None, verify: bool, force: bool,
-            extras_path: str | None, auto_remap: bool, model: str | None, against: str | None,
+            extras_path: str | None, to: str, auto_remap: bool, model: str | None, against: str | None,
             select: str | None, inert: bool, **kwargs) -> None:
-    """Convert SRC (.pt, .bin, .safetensors, a sharded index or folder) to safetensors at DST.
+    """Convert SRC (.pt, .bin, .safetensors, a sharded index, a DCP folder) to safetensors or DCP.
 
     DST is one .safetensors file, or with --max-shard-size (or when DST is a folder) shards named
     model-00001-of-0000N.safetensors plus model.safetensors.index.json. Tensors stream one at a
-    time from a memory map; names that share one tensor are stored once and recorded in the
-    metadata. The output appears only once it is complete and verified.
+    time from a memory map (a DCP folder's tensors from their chunks); names that share one tensor
+    are stored once and recorded in the metadata. With --to dcp, DST is a folder written by torch's
+    own dcp.save (.metadata and __0_0.distcp), one tensor at a time. The output appears only once
+    it is complete and verified.
 
     \b
     Example:
       ckpt convert checkpoint.pt model.safetensors --remap-preset ddp --extras extras.json
       ckpt convert pytorch_model.bin.index.json out/ --max-shard-size 2GB --dtype bf16
       ckpt convert full_state_dict.pt model.safetensors --auto-remap --model openflamingo-3b-vitl-mpt1b
+      ckpt convert step-1000/ model.safetensors          # a DCP folder written by many ranks
+      ckpt convert model.safetensors model-dcp/ --to dcp
     """
-    options = {"rules": rules_from_options(kwargs), "dtype": dtype, "max_shard_size": max_shard_size,
-               "verify": verify, "force": force, "extras_path": extras_path, "select": select, "inert": inert}
+    options = {"rules": rules_from_options(kwargs), "dtype": dtype, "verify": verify, "force": force,
+               "extras_path": extras_path, "select": select, "inert": inert}
+    if to == "dcp" and max_shard_size is not None:
+        raise UsageError("--max-shard-size splits safetensors output; a DCP folder is written as one .distcp file",
+                         fix="drop --max-shard-size, or convert --to safetensors")
+    if to == "safetensors":
+        options["max_shard_size"] = max_shard_size
     if auto_remap and not (model or against):
         raise UsageError("--auto-remap fits the names to a model or a checkpoint, and none was given",
                          fix=f"add --model TARGET or --against SOURCE2, e.g. ckpt convert {src} {dst} --auto-remap "
                              "--model openflamingo-3b-vitl-mpt1b")
     if auto_remap:
-        result = convert_fitting(src, dst, target_from_options(model, None, against), **options)
+        result = convert_fitting(src, dst, target_from_options(model, None, against), to=to, **options)
     elif model or against:
         raise UsageError("--model and --against only say what --auto-remap fits the names to",
                          fix="add --auto-remap, or drop --model/--against")
     else:
-        result = convert_to_safetensors(src, dst, **options)
+        result = WRITERS[to](src, dst, **options)
     emit(result)
 
 

@@ -32,13 +32,16 @@ from .convert_plan import (
     Planned,
     plan_conversion,
 )
+from .dcp_writer import METADATA_FILE, dcp_file, write_dcp
 from .errors import CkptError, IntegrityError, InvalidCheckpointError, OutputExistsError, UsageError
 from .formats import open_checkpoint
+from .formats.dcp import open_path as open_dcp
 from .formats.safetensors import parse_header
 from .fs import AtomicFile, AtomicFolder, check_output_name, check_outputs, disk_full_as_error, ranges_equal
+from .meta import torch_dtype
 from .remap import Rule, coerce_rules, rules_to_json
 from .render import human_bytes, markdown_table, plural, rich_table
-from .safetensors_writer import FileRange, chunk_bytes_view, tensor_chunks, write_safetensors
+from .safetensors_writer import FileRange, cast_checked, chunk_bytes_view, tensor_chunks, write_safetensors
 from .version import VERSION
 
 MIN_SELECTED_FRACTION = 0.5  # of the file's non-optimizer tensor bytes, for a choice made by content
@@ -178,6 +181,85 @@ def convert_to_safetensors(src: str | Path, dst: str | Path, *, rules=None,
     return result
 
 
+def convert_to_dcp(src: str | Path, dst: str | Path, *, rules=None, dtype: str | None = None,
+                   verify: bool = True, force: bool = False, extras_path: str | Path | None = None,
+                   select: str | None = None, inert: bool = False) -> ConversionResult:
+    """Convert any checkpoint the readers open to a torch.distributed.checkpoint folder at ``dst``
+    (``.metadata`` and ``__0_0.distcp``), written by torch's own ``dcp.save`` one tensor at a time,
+    so that ``torch.distributed.checkpoint.load`` reads it into a model sharded any way. Every name
+    is written (aliases too: a loader asks for each), flat, as the state dict's keys; the rules,
+    ``dtype``, ``select`` and ``inert`` are as for ``convert_to_safetensors``. The folder appears
+    only once it is complete and verified bit for bit."""
+    rules = coerce_rules(rules)
+    folder = Path(dst)
+    with open_checkpoint(src, select=select, inert=inert) as checkpoint:
+        _check_selection(checkpoint)
+        if verify:  # a damaged source is refused before anything is written
+            checkpoint.check_stored_sums()
+        plan = plan_conversion(checkpoint.metas(), [], rules, folder, dtype=dtype, source=str(src))
+        extras_file = Path(extras_path) if extras_path else None
+        if extras_file:
+            check_output_name(extras_file, "JSON")
+        _check_dcp_destination(folder, checkpoint.files, [extras_file] if extras_file else [], force)
+        entries = [(item.meta, _cast_tensor_of(checkpoint, item)) for item in plan.tensors]
+        with disk_full_as_error(dst, plan.bytes), AtomicFolder(folder, dcp_file) as staging:
+            try:
+                written = write_dcp(staging.path, entries)
+            except CkptError as exc:  # the writer knows the key; the file it came from is ours to name
+                raise exc.located(checkpoint.source) from None
+            verified = verify_dcp(staging.path, plan.tensors, checkpoint, str(folder)) if verify else 0
+            staging.commit()
+            written_extras = _write_extras(checkpoint, extras_file) if extras_file else []
+        notes = [*checkpoint.notes, "a DCP folder has no place for free-form metadata: where it came from (source, "
+                                    "remap rules) is not recorded in it"]
+        return ConversionResult(
+            source=str(src), destination=str(dst), files=[str(folder / METADATA_FILE)] + sorted(
+                str(p) for p in folder.iterdir() if p.name.endswith(".distcp")),
+            tensors=len(plan.tensors), aliases_removed={}, renamed=plan.remap.renamed, dropped=plan.dropped,
+            bytes_written=written, verified=verify, verified_tensors=verified, dtype=plan.dtype,
+            extras=dict(checkpoint.extras), extras_written=written_extras,
+            extras_path=str(extras_file) if extras_file else None,
+            unmatched_rules=[r.to_dict() for r in plan.remap.unmatched_rules], notes=notes)
+
+
+def _cast_tensor_of(checkpoint, item: Planned):
+    """The source tensor, cast as planned (an overflow refused), when the writer asks for it."""
+    return lambda: cast_checked(item.meta, checkpoint.tensor(item.source_key))
+
+
+def _check_dcp_destination(folder: Path, sources: list[Path], others: list[Path], force: bool) -> None:
+    if not folder.parent.is_dir():
+        raise UsageError("the destination's folder does not exist", path=str(folder.parent),
+                         fix=f"create it first (mkdir -p {folder.parent})")
+    if folder.exists() and not folder.is_dir():
+        raise OutputExistsError("a DCP folder cannot replace a file", path=str(folder), fix="choose a folder name")
+    existing = [p for p in folder.iterdir() if dcp_file(p.name)] if folder.is_dir() else []
+    if existing and not force:
+        raise OutputExistsError(f"the folder already holds a DCP checkpoint ({existing[0].name})", path=str(folder),
+                                fix="pass --force to replace it, or choose an empty folder")
+    check_outputs(existing + others, sources, force)  # replacing the folder's files: never the source's
+
+
+def verify_dcp(folder: Path, planned: Sequence[Planned], checkpoint, shown: str) -> int:
+    """Reopen a written DCP folder with this package's reader: the planned names, shapes and
+    dtypes, and every tensor's bytes equal, bit for bit, to its (cast) source."""
+    import torch
+
+    with open_dcp(folder / METADATA_FILE, shown, select=".") as written:
+        listed = {n: (m.shape, m.dtype) for n, m in written.metas().items()}
+        if listed != {item.meta.name: (item.meta.shape, item.meta.dtype) for item in planned}:
+            raise IntegrityError("the written folder does not list the planned tensors", path=shown,
+                                 fix="report this as a bug; nothing was written")
+        for item in planned:
+            got = written.tensor(item.meta.name).reshape(-1).view(torch.uint8)
+            want = checkpoint.tensor(item.source_key).to(torch_dtype(item.meta.dtype)).contiguous()
+            if not torch.equal(got, want.reshape(-1).view(torch.uint8)):
+                raise IntegrityError("written bytes differ from the source", path=shown, key=item.meta.name,
+                                     fix="check the disk; nothing was kept")
+            del got, want
+    return len(planned)
+
+
 def _check_selection(checkpoint: Checkpoint) -> None:
     """Refuse to convert a state dict chosen by content that holds a minority of the file's
     model-like tensor bytes: the rest would be left behind without a word. Optimizer state is not
@@ -269,17 +351,23 @@ class _ShardWriter:
         """The name a staged file will have, for messages."""
         return self.destination.path / out.name if self.destination.sharded else out
 
-    def _unchanged(self, item: Planned) -> FileRange | None:
-        """Where a tensor's bytes lie in the source file when they are written unchanged and the
-        reader knows (then no tensor is ever built, to write or to verify)."""
-        span = getattr(self.checkpoint, "byte_span", None)
-        if span is None or item.meta.dtype != self.checkpoint.meta(item.source_key).dtype:
+    def _unchanged(self, item: Planned) -> list[FileRange] | None:
+        """Where a tensor's bytes lie in the source's files, in order, when they are written
+        unchanged and the reader knows: one range, or several (a DCP tensor's chunks). Then no
+        tensor is ever built, to write or to verify."""
+        key = item.source_key
+        if item.meta.dtype != self.checkpoint.meta(key).dtype:
             return None
-        found = span(item.source_key)
-        return FileRange(*found) if found is not None else None
+        spans = getattr(self.checkpoint, "byte_spans", None)
+        found = spans(key) if spans is not None else None
+        if found is None:
+            span = getattr(self.checkpoint, "byte_span", None)
+            one = span(key) if span is not None else None
+            found = [one] if one is not None else None
+        return [FileRange(*part) for part in found] if found is not None else None
 
-    def _loader(self, item: Planned, copied: FileRange | None):
-        """The tensor, or the file range its unchanged bytes are copied from."""
+    def _loader(self, item: Planned, copied: list[FileRange] | None):
+        """The tensor, or the file ranges its unchanged bytes are copied from."""
         if copied is not None:
             return lambda: copied
         return lambda: self.checkpoint.tensor(item.source_key)
@@ -319,9 +407,9 @@ def restore_aliases(state: dict, metadata: dict[str, str] | None) -> dict:
 
 
 def verify_file(path: str, shard: Sequence[Planned], checkpoint, shown: str,
-                copied: Mapping[str, FileRange] | None = None) -> int:
+                copied: Mapping[str, list[FileRange]] | None = None) -> int:
     """Reopen a written file and compare every tensor, bit for bit, with its source: a tensor copied
-    unchanged (``copied``: output name -> the source's file range) byte range against byte range,
+    unchanged (``copied``: output name -> the source's file ranges, in order) range against range,
     with no torch; any other against its (cast) source tensor."""
     copied = copied or {}
     with open(path, "rb") as handle:
@@ -332,10 +420,11 @@ def verify_file(path: str, shard: Sequence[Planned], checkpoint, shown: str,
         raise IntegrityError("the written header does not list the planned tensors", path=shown,
                              fix="report this as a bug; nothing was written")
     for item in shard:
-        source = copied.get(item.meta.name)
-        if source is not None and not ranges_equal((source.path, source.offset),
-                                                   (path, start + offsets[item.meta.name][0]), source.nbytes):
-            raise _differs(shown, item.meta.name)
+        at = start + offsets[item.meta.name][0]
+        for part in copied.get(item.meta.name, ()):
+            if not ranges_equal((part.path, part.offset), (path, at), part.nbytes):
+                raise _differs(shown, item.meta.name)
+            at += part.nbytes
     built = [item for item in shard if item.meta.name not in copied and item.meta.nbytes]
     if built:
         _verify_tensors(path, built, checkpoint, shown, {n: start + offsets[n][0] for n in offsets})

@@ -288,6 +288,10 @@ def _hint_text(hint: Mapping) -> str:
 
 def _load_text(load: Mapping) -> str:
     bits = [f"{plural(load.get('loaded', 0), 'tensor')} loaded", f"verified: {str(load.get('verified')).lower()}"]
+    if load.get("ranks"):  # a sharded model: what each rank read of the state's bytes
+        read = ", ".join(f"rank {r['rank']} {r['bytes_read']:,}" for r in load["ranks"][:8])
+        bits.append(f"bytes read of {load.get('state_bytes', 0):,}: {read}"
+                    + (f" (+{len(load['ranks']) - 8} ranks)" if len(load["ranks"]) > 8 else ""))
     if load.get("skipped"):
         bits.append(f"{len(load['skipped'])} skipped")
     if load.get("mismatched"):

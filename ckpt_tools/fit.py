@@ -10,21 +10,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .convert import ConversionResult, convert_to_safetensors
+from .convert import ConversionResult, convert_to_dcp, convert_to_safetensors
 from .diff import diff_keys
 from .remap import coerce_rules
 from .render import plural
 
+WRITERS = {"safetensors": convert_to_safetensors, "dcp": convert_to_dcp}
+
 
 def convert_fitting(src: str | Path, dst: str | Path, target, *, rules=None, select: str | None = None,
-                    inert: bool = False, **convert_options) -> ConversionResult:
-    """Convert ``src`` to safetensors at ``dst`` with ``rules`` plus the rules inferred against
-    ``target`` (anything ``diff_keys`` takes as a target)."""
+                    inert: bool = False, to: str = "safetensors", **convert_options) -> ConversionResult:
+    """Convert ``src`` to ``to`` (safetensors or dcp) at ``dst`` with ``rules`` plus the rules
+    inferred against ``target`` (anything ``diff_keys`` takes as a target)."""
     rules = coerce_rules(rules)
     report = diff_keys(src, target, remap=rules, select=select, inert=inert, auto_remap=True)
     inferred = list(report.inference.rules) if report.inference else []
-    result = convert_to_safetensors(src, dst, rules=rules + inferred, select=select, inert=inert,
-                                    **convert_options)
+    result = WRITERS[to](src, dst, rules=rules + inferred, select=select, inert=inert, **convert_options)
     result.inferred_rules = [rule.to_dict() for rule in inferred]
     result.notes.append(f"applied {plural(len(inferred), 'remap rule')} inferred against {report.target}" if inferred
                         else f"no remap rule inferred against {report.target}: converted with the given rules")

@@ -237,6 +237,19 @@ def _libc_function(name: str, *argtypes: str):
     return func
 
 
+def same_bytes(a, b) -> bool:
+    """Two contiguous numpy uint8 arrays of one length hold the same bytes: one libc ``memcmp``
+    where there is one (no temporary array, whatever the size), else numpy."""
+    if a.size != b.size:
+        return False
+    memcmp = _libc_function("memcmp", "c_void_p", "c_void_p", "c_size_t")
+    if memcmp is None or not (a.flags.c_contiguous and b.flags.c_contiguous):
+        import numpy as np
+
+        return bool(np.array_equal(a, b))
+    return a.size == 0 or memcmp(a.ctypes.data, b.ctypes.data, a.size) == 0
+
+
 def _sync_file_range():
     """libc's sync_file_range, or None where there is none (not Linux)."""
     return _libc_function("sync_file_range", "c_int", "c_int64", "c_int64", "c_uint")

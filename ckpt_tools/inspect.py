@@ -51,6 +51,7 @@ class InspectReport:
     file_tensors: int | None = None  # every tensor the file holds, when it holds more than the listing
     show_keys: bool | None = None  # one row per tensor; None: when there are few (LEAF_ROWS)
     stats: StatsReport | None = None  # the values, with --stats
+    chunks: dict[str, list[dict]] | None = None  # a DCP folder's: {key: [{file, rank, offsets, sizes, nbytes}]}
 
     @property
     def unique(self) -> dict[str, TensorMeta]:
@@ -94,6 +95,7 @@ class InspectReport:
             "not_executed": list(self.not_executed),
             "other_files": list(self.other_files),
             **({"stats": self.stats.to_dict()} if self.stats is not None else {}),
+            **({"chunks": self.chunks} if self.chunks is not None else {}),
         }
 
     def _summary_lines(self) -> list[str]:
@@ -115,6 +117,10 @@ class InspectReport:
         return self.show_keys if self.show_keys is not None else len(self.tensors) <= LEAF_ROWS
 
     def _table(self) -> tuple[list[str], list[list[object]]]:
+        if self._leaves() and self.chunks is not None:
+            return (["key", "shape", "dtype", "bytes", "chunks (rank: range)"],
+                    [[m.name, "x".join(map(str, m.shape)) or "scalar", m.dtype, human_bytes(m.nbytes),
+                      _chunk_text(self.chunks.get(m.name, []))] for m in self.tensors.values()])
         if self._leaves():
             return (["key", "shape", "dtype", "bytes"],
                     [[m.name, "x".join(map(str, m.shape)) or "scalar", m.dtype, human_bytes(m.nbytes)]
@@ -135,6 +141,19 @@ class InspectReport:
         headers, rows = self._table()
         stats = f"\n{self.stats.to_markdown()}" if self.stats is not None else ""
         return f"### {Path(self.source).name}\n\n{summary}\n\n{markdown_table(headers, rows)}\n{stats}"
+
+
+def _chunk_text(chunks: list[dict]) -> str:
+    """``0: 0-129, 1: 129-257`` (what each rank wrote along the one dimension the chunks split;
+    ``dim 1:`` first when it is not the first), or how many chunks there are."""
+    split = [d for d in range(len(chunks[0]["offsets"]) if chunks else 0)
+             if len({c["offsets"][d] for c in chunks}) > 1]
+    if len(split) != 1:
+        return f"{len(chunks)} chunk{'' if len(chunks) == 1 else 's'}"
+    d = split[0]
+    parts = [f"{'?' if c['rank'] is None else c['rank']}: {c['offsets'][d]}-{c['offsets'][d] + c['sizes'][d]}"
+             for c in chunks[:4]]
+    return ("" if d == 0 else f"dim {d}: ") + ", ".join(parts) + (f" (+{len(chunks) - 4})" if len(chunks) > 4 else "")
 
 
 def _both(n: int, short) -> str:
@@ -165,12 +184,14 @@ def listing(checkpoint: Checkpoint, source: str, *, pattern: str | None = None, 
               "accounting": checkpoint.accounting.to_dict() if checkpoint.accounting else None}
     if selection is None and checkpoint.picked is None:
         chosen = None
+    layout = getattr(checkpoint, "chunk_layout", None)
+    chunks = {k: v for k, v in layout().items() if k in tensors} if layout is not None else None
     return InspectReport(
         source=str(source), format=checkpoint.format, wrapper=checkpoint.wrapper, tensors=tensors,
         aliases=[g for g in aliases if len(g) > 1], extras=dict(checkpoint.extras),
         metadata=dict(checkpoint.metadata), notes=list(checkpoint.notes), bytes_read=checkpoint.bytes_read,
         depth=depth, selection=chosen, not_executed=sorted(checkpoint.not_executed),
-        other_files=list(checkpoint.other_files), show_keys=show_keys)
+        other_files=list(checkpoint.other_files), show_keys=show_keys, chunks=chunks)
 
 
 def inspect_checkpoint(source: str | Path, *, filter: str | None = None, depth: int = 3,

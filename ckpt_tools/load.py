@@ -8,21 +8,44 @@ meta device (every name of a tied tensor gets the same new tensor, so ties survi
 every loaded tensor is read back through the model and compared with its source (after the same
 cast), NaN and Inf are looked for, and the preset's value checks run (OpenFlamingo: gates still all zero means the
 cross-attention never landed). The report's ``load`` says what happened.
+
+On a sharded model (DTensor parameters) under ``torch.distributed`` every rank calls
+``load_checkpoint``: rank 0 computes the key report and hands it to the others as JSON, each rank
+reads only the byte ranges of the blocks it holds (a safetensors tensor's rows by offset, a DCP
+tensor's chunks), copies them into its local tensors and verifies them, and the ranks exchange
+what each read (``distributed`` has the collectives).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint
-from .diff import Entry, KeyReport, Problem, compare
+from .diff import CoverageRow, Entry, KeyReport, Problem, compare
+from .distributed import (
+    agree,
+    fits,
+    gather_json,
+    is_sharded,
+    on_first_rank,
+    owned_box,
+    rank_and_size,
+    read_slice,
+)
 from .errors import LoadRefusedError, UsageError
 from .formats import open_checkpoint
+from .fs import same_bytes
+from .infer import Inference
+from .meta import TensorMeta, torch_dtype
 from .presets import ModelPreset, get_preset
 from .provenance import WeightSource, record
+from .remap import coerce_rules
 from .stats import ValueCheck, default_checks, run_checks
 from .targets import TargetOptions, build_model, checkpoint_side, is_module, module_side
 
@@ -56,10 +79,20 @@ def load_checkpoint(checkpoint, model, *, remap=None, expect_missing: Sequence[s
     remap rules inferred when keys do not match (the report names them). After the load every
     loaded tensor is checked for NaN and Inf (a problem unless ``allow_nonfinite``) and the
     preset's value checks run on the model (``stats.run_checks``).
+
+    A model sharded across ranks (DTensor parameters: FSDP2's ``fully_shard``, tensor parallelism)
+    under an initialised ``torch.distributed`` is loaded by every rank calling this together: the
+    key report is computed once, on rank 0, and each rank reads and verifies only the blocks it
+    holds (``report.load["ranks"]`` says what each read); NaN and Inf are looked for in each
+    rank's blocks.
     """
     if is_module(checkpoint) and not is_module(model):
         raise UsageError("load_checkpoint takes the checkpoint first, then the model",
                          fix="call load_checkpoint(checkpoint, model), as diff_keys(checkpoint, target)")
+    if is_sharded(model):
+        return _load_sharded(checkpoint, model, remap=remap, expect_missing=expect_missing, require=require,
+                             force=force, preset=preset, verify=verify, provenance=provenance, select=select,
+                             inert=inert, auto_remap=auto_remap, allow_nonfinite=allow_nonfinite)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(
         checkpoint, select=select, inert=inert, endpoint=endpoint, token=token)
     built = None
@@ -82,6 +115,10 @@ def load_checkpoint(checkpoint, model, *, remap=None, expect_missing: Sequence[s
     finally:
         if ckpt is not checkpoint:
             ckpt.close()
+    return _with_load_problems(report, bad)
+
+
+def _with_load_problems(report: KeyReport, bad: list[tuple[str, str, str]]) -> KeyReport:
     report.problems += [Problem(**check) for check in report.load["checks"]]
     for key, why, fix in bad:
         report.problems.append(Problem("load", key, why, fix))
@@ -201,3 +238,179 @@ def _verify(model, ckpt, entries: list[Entry]) -> list[tuple[str, str, str]]:
                                             f"'{conflicts[0]}' (loaded '{entry.ckpt_key}')",
                                 f"keep the right one: --drop '{conflicts[0]}' or --drop '{entry.ckpt_key}'"))
     return bad
+
+
+# ---------------------------------------------------------------------------------------------
+# a model sharded across ranks
+
+def _load_sharded(checkpoint, model, *, remap, expect_missing, require, force, preset, verify, provenance,
+                  select, inert, auto_remap, allow_nonfinite) -> KeyReport:
+    """Every rank opens the checkpoint's listing; rank 0 alone diffs it against the model and
+    hands the key report to the others (as JSON); each rank then reads only the blocks of the
+    tensors it holds (a DTensor's local block, a plain tensor whole), copies them into its local
+    tensors, reads them again to verify them, and the ranks exchange what each read. A step that
+    fails on one rank fails on every rank. The report's ``load`` has ``ranks``: per rank, the
+    bytes read, the slices and what differed."""
+    ckpt = agree(lambda: checkpoint if isinstance(checkpoint, Checkpoint)
+                 else open_checkpoint(checkpoint, select=select, inert=inert))
+    try:
+        preset = _resolve_preset(preset)
+
+        def diff() -> dict:
+            side = module_side(model)
+            side.preset = preset
+            return report_to_json(compare(checkpoint_side(ckpt), side, remap=remap, expect_missing=expect_missing,
+                                          require=require, auto_remap=auto_remap))
+
+        report = report_from_dict(on_first_rank(diff))
+        if not report.ok and not force:
+            raise LoadRefusedError(_refusal(report), report=report, path=str(ckpt.source),
+                                   fix="fix the problems in the key report (ckpt diff), or pass force=True "
+                                       "(--force) to load the tensors that fit")
+        mine = agree(lambda: _load_owned(model, ckpt, report.loadable(), verify, allow_nonfinite))
+        ranks = gather_json(mine)
+        report.load, bad = _sharded_summary(model, report, ranks, preset, verify=verify,
+                                            forced=force and not report.ok)
+        _record(model, report, provenance, ckpt)
+    finally:
+        if ckpt is not checkpoint:
+            ckpt.close()
+    return _with_load_problems(report, bad)
+
+
+def _load_owned(model, ckpt, entries: list[Entry], verify: bool, allow_nonfinite: bool) -> dict:
+    """Read this rank's block of every loadable tensor into it, then (``verify``) read each block
+    again and compare, and look for NaN and Inf in the blocks; what this rank read and found, as JSON."""
+    import torch
+
+    started = time.perf_counter()
+    nbytes = slices = 0
+    with torch.no_grad():
+        for entry in entries:
+            offsets, sizes, local = _owned(model, entry.name)
+            if fits(local, sizes, entry.ckpt.dtype):  # read straight into the model's memory
+                _, read = read_slice(ckpt, entry.ckpt_key, offsets, sizes, out=local)
+            else:
+                block, read = read_slice(ckpt, entry.ckpt_key, offsets, sizes)
+                local.copy_(block)  # casts to the model's dtype
+                del block
+            nbytes, slices = nbytes + read, slices + 1
+        copied = time.perf_counter() - started
+        checked, mismatched, scratch = 0, [], {}
+        for entry in entries if verify else []:
+            offsets, sizes, local = _owned(model, entry.name)
+            block, read = read_slice(ckpt, entry.ckpt_key, offsets, sizes,
+                                     out=_scratch(scratch, sizes, entry.ckpt.dtype))
+            checked += read
+            exact = fits(local, sizes, entry.ckpt.dtype)  # read as it is: compared byte for byte
+            if not (same_bytes(_bytes_of(local), _bytes_of(block)) if exact else _same(local, block)):
+                mismatched.append(entry.name)
+            del block
+    rank, _ = rank_and_size()
+    blocks = {entry.name: _owned(model, entry.name)[2] for entry in entries}
+    checks = run_checks(blocks, default_checks(allow_nonfinite=allow_nonfinite))
+    return {"rank": rank, "bytes_read": nbytes, "verify_bytes_read": checked, "slices": slices,
+            "mismatched": mismatched, "checks": checks, "copy_seconds": round(copied, 3),
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _scratch(buffers: dict, sizes: tuple[int, ...], dtype: str):
+    """A reused buffer (one per dtype, grown as needed) to read a block into for its check."""
+    import torch
+
+    need = math.prod(sizes)
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < need:
+        buffer = buffers[dtype] = torch.empty(need, dtype=torch_dtype(dtype))
+    return buffer[:need].view(sizes)
+
+
+def _bytes_of(tensor):
+    import torch
+
+    return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def _owned(model, name: str):
+    current = _current(model, name)
+    if current.device.type == "meta":
+        raise UsageError("the sharded model is still on the meta device", key=name,
+                         fix="materialise it first (model.to_empty(device=...)), then load")
+    return owned_box(current, name)
+
+
+def _same(local, block) -> bool:
+    import torch
+
+    source = block.to(dtype=local.dtype, device=local.device)
+    return torch.equal(local, source) or (
+        local.is_floating_point() and torch.allclose(local, source, rtol=0, atol=0, equal_nan=True))
+
+
+def _sharded_summary(model, report: KeyReport, ranks: list[dict], preset, *, verify: bool,
+                     forced: bool) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+    rank, world = rank_and_size()
+    entries = report.loadable()
+    where: dict[str, list[int]] = {}
+    for part in ranks:
+        for name in part["mismatched"]:
+            where.setdefault(name, []).append(part["rank"])
+    # NaN or Inf in any rank's block is a problem of the tensor, said once (with the ranks' counts)
+    checks = list({(c["key"], c["detail"]): c for part in ranks for c in part["checks"]}.values())
+    still_meta = sum(1 for t in model.state_dict(keep_vars=True).values() if t.device.type == "meta")
+    load = {
+        "loaded": len(entries),
+        "bytes": sum(part["bytes_read"] for part in ranks),
+        "cast": sum(1 for e in entries if e.status == "dtype_mismatch"),
+        "skipped": [e.name for e in report.entries if e.status == "shape_mismatch"],
+        "verified": bool(verify and not where and not checks),
+        "compared": len(entries) if verify else 0,
+        "mismatched": list(where),
+        "checks": checks,
+        "forced": forced,
+        "still_on_meta": still_meta,
+        "seconds": max(part["seconds"] for part in ranks),
+        "copy_seconds": max(part["copy_seconds"] for part in ranks),
+        "world_size": world,
+        "rank": rank,
+        "state_bytes": sum(e.ckpt.nbytes for e in entries),
+        "ranks": ranks,
+    }
+    if preset is not None and preset.value_checks:
+        # they judge whole tensors (a gate not all zero), which no rank holds alone
+        load["value_checks_skipped"] = [dict(c).get("name", "") for c in preset.value_checks]
+    bad = [(name, f"differs from the checkpoint after the load on rank {', '.join(map(str, on))}",
+            "something rewrote it during the load (a hook or a shared storage); load it alone")
+           for name, on in where.items()]
+    return load, bad
+
+
+def report_to_json(report: KeyReport) -> dict:
+    """A key report as JSON-able data that ``report_from_dict`` turns back into one (how rank 0's
+    report reaches the other ranks); the inferred rules travel as rules-file dicts."""
+    data = {f.name: getattr(report, f.name) for f in dataclasses.fields(KeyReport)
+            if f.name not in ("inference", "values", "model")}
+    data = json.loads(json.dumps(dataclasses.asdict(KeyReport(**data))))
+    inference = report.inference
+    data["inference"] = None if inference is None else {
+        **{f.name: getattr(inference, f.name) for f in dataclasses.fields(inference) if f.name != "rules"},
+        "rules": [rule.to_dict() for rule in inference.rules]}
+    return data
+
+
+def report_from_dict(data: dict) -> KeyReport:
+    """A KeyReport from ``dataclasses.asdict`` of one (after a JSON round trip): how rank 0's key
+    report reaches the other ranks."""
+    def meta(value):
+        return None if value is None else TensorMeta(value["name"], tuple(value["shape"]), value["dtype"],
+                                                     value["nbytes"])
+
+    fields = {f.name: data[f.name] for f in dataclasses.fields(KeyReport) if f.name in data}
+    fields["entries"] = [Entry(**{**e, "model": meta(e["model"]), "ckpt": meta(e["ckpt"])}) for e in data["entries"]]
+    fields["problems"] = [Problem(**p) for p in data["problems"]]
+    fields["coverage"] = [CoverageRow(**c) for c in data["coverage"]]
+    fields["unexpected_metas"] = {k: meta(v) for k, v in data["unexpected_metas"].items()}
+    inference = data.get("inference")
+    if inference is not None:
+        fields["inference"] = Inference(**{**inference, "rules": coerce_rules(inference["rules"])})
+    return KeyReport(**fields)

@@ -608,8 +608,11 @@ def _scan_stream(report: ScanReport, fileobj: BinaryIO, size: int, allow) -> Non
 
 
 
-def scan_file(fileobj: BinaryIO, source: str, size: int | None = None, kind: str | None = None) -> ScanReport:
-    """Walk every pickle of one file (a torch zip, a legacy torch file or a plain pickle stream)."""
+def scan_file(fileobj: BinaryIO, source: str, size: int | None = None, kind: str | None = None,
+              also_allowed: frozenset[str] = frozenset()) -> ScanReport:
+    """Walk every pickle of one file (a torch zip, a legacy torch file or a plain pickle stream).
+    ``also_allowed``: ``module.name`` globals allowed beside the weights-only allow-list (the data
+    classes of a DCP ``.metadata``)."""
     if size is None:
         size = fileobj.seek(0, io.SEEK_END)
     if kind is None:
@@ -617,10 +620,12 @@ def scan_file(fileobj: BinaryIO, source: str, size: int | None = None, kind: str
         kind = detect(fileobj.read(HEAD_BYTES))
     fileobj.seek(0)
     report = ScanReport(source, "torch-zip" if kind == "zip" else "pickle")
+    allowed, blocked = allow_list()
+    allow = (allowed | also_allowed, blocked)
     if kind == "zip":
-        _scan_zip(report, fileobj, allow_list())
+        _scan_zip(report, fileobj, allow)
     elif kind in ("pickle", "torch-legacy"):
-        _scan_stream(report, fileobj, size, allow_list())
+        _scan_stream(report, fileobj, size, allow)
     else:
         raise InvalidCheckpointError("not a pickle or a torch zip archive", path=source, fix=BAD_FILE)
     return report

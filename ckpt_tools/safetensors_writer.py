@@ -152,7 +152,8 @@ def copy_span(out: AtomicFile, src_fd: int, offset: int, nbytes: int) -> int:
 def write_safetensors(out: AtomicFile, entries: Iterable[tuple[TensorMeta, Callable[[], object]]],
                       metadata: Mapping[str, str] | None = None) -> int:
     """Write a safetensors file to ``out``: ``entries`` are (output meta, a callable returning the
-    source tensor), read and written one at a time. Returns the bytes written."""
+    source tensor, a ``FileRange`` or a list of them), read and written one at a time. Returns the
+    bytes written."""
     entries = list(entries)
     header = build_header((meta for meta, _ in entries), metadata)
     total = out.write(header)
@@ -199,7 +200,12 @@ def write_range(out: AtomicFile, source: FileRange) -> int:
 
 
 def _write_tensor(out: AtomicFile, meta: TensorMeta, tensor, spans: FileSpans | None) -> int:
-    written = write_range(out, tensor) if isinstance(tensor, FileRange) else _write_torch(out, meta, tensor, spans)
+    if isinstance(tensor, FileRange):
+        written = write_range(out, tensor)
+    elif isinstance(tensor, list):  # ranges in order (a DCP tensor's chunks): copied one after another
+        written = sum(write_range(out, part) for part in tensor)
+    else:
+        written = _write_torch(out, meta, tensor, spans)
     if written != meta.nbytes:
         raise InvalidCheckpointError(f"wrote {written} bytes but the header promises {meta.nbytes}",
                                      key=meta.name, fix="the source file changed or shrank while reading")
@@ -227,17 +233,31 @@ def _write_torch(out: AtomicFile, meta: TensorMeta, tensor, spans: FileSpans | N
 
 
 def _checked_casts(meta: TensorMeta, pairs: Iterable[tuple[object, object]]) -> Iterator:
-    """The cast chunks, refusing a finite value that the cast turned into Inf (fp32 1e5 as F16):
-    a conversion must not change what a model computes without a word."""
+    """The cast chunks, each checked by ``refuse_overflow``."""
+    for source, cast in pairs:
+        refuse_overflow(meta, source, cast)
+        yield cast
+
+
+def cast_checked(meta: TensorMeta, tensor):
+    """``tensor`` cast to ``meta.dtype`` (a whole tensor at once), checked by ``refuse_overflow``."""
+    cast = tensor.to(torch_dtype(meta.dtype))
+    if cast.dtype != tensor.dtype and tensor.is_floating_point():
+        refuse_overflow(meta, tensor, cast)
+    return cast
+
+
+def refuse_overflow(meta: TensorMeta, source, cast) -> None:
+    """Refuse a finite value that a cast turned into Inf (fp32 1e5 as F16): a conversion must not
+    change what a model computes without a word. An Inf already in the source stays allowed."""
     import torch
 
-    for source, cast in pairs:
-        if cast.is_floating_point() and not bool(torch.isfinite(cast).all()):
-            overflowed = int((torch.isfinite(source) & ~torch.isfinite(cast)).sum())
-            if overflowed:
-                biggest = float(source[torch.isfinite(source)].abs().max())
-                raise UsageError(f"casting to {meta.dtype} turns {overflowed:,} finite value"
-                                 f"{'' if overflowed == 1 else 's'} into Inf (largest magnitude {biggest:.4g}, "
-                                 f"beyond {float(torch.finfo(cast.dtype).max):.4g})", key=meta.name,
-                                 fix="keep the source dtype, or cast to BF16 (float32's range)")
-        yield cast
+    if not cast.is_floating_point() or bool(torch.isfinite(cast).all()):
+        return
+    overflowed = int((torch.isfinite(source) & ~torch.isfinite(cast)).sum())
+    if overflowed:
+        biggest = float(source[torch.isfinite(source)].abs().max())
+        raise UsageError(f"casting to {meta.dtype} turns {overflowed:,} finite value"
+                         f"{'' if overflowed == 1 else 's'} into Inf (largest magnitude {biggest:.4g}, "
+                         f"beyond {float(torch.finfo(cast.dtype).max):.4g})", key=meta.name,
+                         fix="keep the source dtype, or cast to BF16 (float32's range)")

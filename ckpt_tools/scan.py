@@ -13,7 +13,9 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import InvalidCheckpointError
+from .errors import CheckpointNotFoundError, InvalidCheckpointError
+from .formats.dcp import METADATA_GLOBALS, pickled_chunks, read_metadata
+from .formats.ranges import FileWindow
 from .formats.safetensors import SafetensorsCheckpoint
 from .http import RangeFile
 from .magic import may_be_old_pickle
@@ -27,7 +29,7 @@ from .pickle_safety import (
     scan_numpy,
     unsafe_globals,
 )
-from .sources import Source, resolve
+from .sources import DCP_METADATA, Source, resolve
 
 REMOTE_BUFFER = 64 * 1024
 
@@ -40,19 +42,22 @@ SCANNABLE = frozenset({"zip", "pickle", "torch-legacy", "numpy", "safetensors"})
 def scan_pickle(source: str | os.PathLike | BinaryIO) -> ScanReport:
     """Scan a local file, folder or sharded index, an ``hf://`` file or a seekable file object.
 
-    A folder is scanned whole: every file in it that can hold a pickle (a training folder keeps
+    A folder is scanned whole (a DCP folder through its ``.metadata``): every file in it that can hold a pickle (a training folder keeps
     ``training_args.bin`` or ``rng_state.pth`` beside its weights), and the report lists the files
     that cannot. Never executes the pickle. Raises CheckpointNotFoundError or
     InvalidCheckpointError when there is nothing scannable; otherwise returns a report whose
     ``verdict`` is ``safe`` or ``unsafe``.
     """
-    if isinstance(source, str | os.PathLike) and Path(source).is_dir():
+    if isinstance(source, str | os.PathLike) and Path(source).is_dir() \
+            and not (Path(source) / DCP_METADATA).is_file():  # a DCP folder is read through its .metadata
         return _scan_folder(Path(source))
     resolved = resolve(source)
     try:
         if resolved.format == "index":
             parts = [(name, _scan_one(resolved.shard(name))) for name in resolved.shards()]
             return merge_reports(resolved.given, parts)
+        if resolved.format == "dcp":
+            return _scan_dcp(resolved)
         return _scan_one(resolved)
     finally:
         if resolved.fileobj is not source:
@@ -129,6 +134,49 @@ def _scan_numpy(resolved: Source) -> ScanReport:
         else:
             scan_npz(report, handle)
     return report
+
+
+def _scan_dcp(resolved: Source) -> ScanReport:
+    """A torch.distributed.checkpoint folder: its ``.metadata`` (the data classes torch writes there
+    are allowed), then every byte range of the ``.distcp`` files that is a ``torch.save`` zip."""
+    with open(resolved.path, "rb") as handle:
+        first = scan_file(handle, resolved.given, resolved.size, also_allowed=METADATA_GLOBALS)
+    # torch reads a .metadata with pickle.load, not the weights-only loader: its opcodes are no concern
+    first.notes = [n for n in first.notes if "opcodes the weights-only loader rejects" not in n]
+    parts = [(resolved.path.name, first)]
+    if first.offenders:
+        first.notes.append("the .distcp files were not scanned: the .metadata that says where their pickles lie "
+                           "is itself unsafe")
+    else:
+        metadata = read_metadata(resolved.path, resolved.given, inert=True)  # nothing it names runs
+        for name, ranges in pickled_chunks(metadata).items():
+            parts += _scan_ranges(resolved, name, ranges)
+    report = merge_reports(resolved.given, parts) if len(parts) > 1 else first
+    report.format = "dcp"
+    report.notes.append("the .metadata's own globals (torch.distributed.checkpoint's metadata data classes, "
+                        "pathlib paths) are allowed there: torch writes them, and they hold data only")
+    report.notes.append("torch's dcp.load unpickles the objects of a DCP folder (optimizer settings, "
+                        "dataloader state) with weights_only=False: every pickle in the .distcp files was walked")
+    return report
+
+
+def _scan_ranges(resolved: Source, name: str, ranges: list[tuple[str, int, int]]) -> list[tuple[str, ScanReport]]:
+    path = resolved.path.parent / name
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"the .metadata names {name}, which is missing", path=resolved.given,
+                                      fix=f"copy {name} into the folder with the rest of the checkpoint") from None
+    with handle:
+        size = handle.seek(0, io.SEEK_END)
+        parts = []
+        for fqn, offset, length in ranges:
+            if offset + length > size:
+                raise InvalidCheckpointError(f"truncated: {name} is {size:,} bytes but this entry's bytes end at "
+                                             f"{offset + length:,}", path=resolved.given, key=fqn, fix=BAD_FILE)
+            window = io.BufferedReader(FileWindow(handle.fileno(), offset, length))
+            parts.append((f"{name}:{fqn}", scan_file(window, f"{resolved.given}/{name}", length, "zip")))
+    return parts
 
 
 def _scan_safetensors(resolved: Source) -> ScanReport:

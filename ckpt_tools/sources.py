@@ -7,6 +7,8 @@ Every command and library call that takes a SOURCE resolves it here, and only he
   path, every local shard present) before anything is opened;
 - a folder: its index, else its one checkpoint file, picked by ``FOLDER_CANDIDATES``; the choice
   and the other candidates are said in ``notes``;
+- a torch.distributed.checkpoint (DCP) folder, or the path of its ``.metadata`` file: format
+  ``dcp``, ``path`` the ``.metadata`` file (the reader checks the ``.distcp`` files it names);
 - ``hf://ORG/NAME[@REVISION]/PATH``, or ``ORG/NAME`` with a revision and a file name: the revision
   is resolved to a commit with one HEAD, and the file is read through a ``RangeFile`` at that
   commit (an index's shards too, at the same commit).
@@ -29,6 +31,7 @@ from urllib.parse import unquote
 from .errors import CheckpointNotFoundError, InvalidCheckpointError, UnsupportedFormatError, UsageError
 from .http import RangeFile, RetryPolicy, endpoint_url, head_file, request_headers
 from .magic import HEAD_BYTES, detect, is_index_name
+from .render import plural
 
 REFERENCE_RE = re.compile(r"^hf://(?P<org>[^/@]+)/(?P<name>[^/@]+)(?:@(?P<rev>[^/]+))?/(?P<path>.+)$")
 REPO_ID_RE = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -38,6 +41,10 @@ FOLDER_CANDIDATES: tuple[str, ...] = (
     "model.safetensors", "*.safetensors", "pytorch_model.bin", "*.bin", "*.pt", "*.pth", "*.ckpt",
 )
 _HUB_FIX = "check the path, or use hf://ORG/NAME[@REVISION]/PATH for the hub"
+# A torch.distributed.checkpoint (DCP) folder: this pickled metadata file, and the chunk files it
+# names (``__<rank>_<n>.distcp`` as torch's FileSystemWriter writes them).
+DCP_METADATA = ".metadata"
+DCP_DATA_GLOB = "*.distcp"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,15 +137,16 @@ def shard_names(index: dict) -> list[str]:
     return list(dict.fromkeys(index["weight_map"].values()))
 
 
-def check_shard_name(shard: object, source: str) -> PurePosixPath:
-    """A shard name as a relative path that stays inside the index's folder."""
+def check_shard_name(shard: object, source: str, named_by: str = "weight_map") -> PurePosixPath:
+    """A shard name (an index's, or a file a DCP ``.metadata`` names) as a relative path that stays
+    inside the checkpoint's folder."""
     if not isinstance(shard, str) or not shard:
-        raise InvalidCheckpointError(f"weight_map names a shard {shard!r} that is not a file name", path=source,
-                                     fix="each weight_map value must be a shard file name")
+        raise InvalidCheckpointError(f"{named_by} names a shard {shard!r} that is not a file name", path=source,
+                                     fix=f"each file {named_by} names must be a file name")
     pure = PurePosixPath(shard)
     if pure.is_absolute() or ".." in pure.parts or "\\" in shard:
         raise InvalidCheckpointError(f"shard name {shard!r} escapes the checkpoint folder", path=source,
-                                     fix="shard names must be plain relative names inside the index's folder")
+                                     fix="shard names must be plain relative names inside the checkpoint's folder")
     return pure
 
 
@@ -150,9 +158,9 @@ class Source:
     """What a SOURCE names, resolved: one file (``format`` from its magic) or an index.
 
     given    the SOURCE as the user wrote it (what reports show)
-    format   ``index``, or what ``magic.detect`` says (``zip``, ``safetensors``, ``torch-legacy``,
-             ``pickle``, ``numpy``), or ``unknown``
-    path     the local file, if local
+    format   ``index``, ``dcp`` (a torch.distributed.checkpoint folder), or what ``magic.detect``
+             says (``zip``, ``safetensors``, ``torch-legacy``, ``pickle``, ``numpy``), or ``unknown``
+    path     the local file, if local (for ``dcp``, the folder's ``.metadata``)
     ref      the hub file at its commit, if remote (``commit`` is its revision)
     fileobj  an open binary file for a remote file or a caller's file object; local files are
              opened by the reader that needs them (mmap, safe_open)
@@ -202,6 +210,8 @@ class Source:
         """Every local file this source reads (an index's shards with the index)."""
         if self.path is None:
             return []
+        if self.format == "dcp":
+            return [self.path, *sorted(self.path.parent.glob(DCP_DATA_GLOB))]
         if self.format != "index":
             return [self.path]
         return [self.path] + [self.path.parent / name for name in self.shards()]
@@ -230,6 +240,10 @@ def resolve(source: str | Path | HfReference | BinaryIO, *, revision: str | None
     if not path.exists() and not path.is_symlink():
         raise CheckpointNotFoundError("no such file or folder", path=text, fix=_HUB_FIX)
     folder = path if path.is_dir() else None
+    if folder is not None and (folder / DCP_METADATA).is_file():
+        return _dcp_source(text, folder / DCP_METADATA, folder)
+    if folder is None and path.name == DCP_METADATA:
+        return _dcp_source(text, path, None)
     if folder is not None:
         path = pick_from_folder(folder)
     if is_index_name(path.name):
@@ -254,6 +268,25 @@ def resolve(source: str | Path | HfReference | BinaryIO, *, revision: str | None
                                       fix="check the path, its symlinks and permissions") from None
     return Source(text, detect(head) or "unknown", path=path, size=size, head=head,
                   **_folder_choice(folder, path, []))
+
+
+def _dcp_source(given: str, metadata: Path, folder: Path | None) -> Source:
+    """A DCP folder: its ``.metadata`` is what the reader opens; the folder's other files are said."""
+    try:
+        size = metadata.stat().st_size
+    except OSError as exc:
+        raise CheckpointNotFoundError(f"cannot read ({exc.strerror})", path=given,
+                                      fix="check the path and its permissions") from None
+    parent = metadata.parent
+    data = sorted(p.name for p in parent.glob(DCP_DATA_GLOB))
+    others = sorted(p.name for p in parent.iterdir()
+                    if p.name != DCP_METADATA and p.name not in data and not p.name.startswith("."))
+    notes = [f"a torch.distributed.checkpoint folder{'' if folder else ' (named by its ' + DCP_METADATA + ')'}: "
+             f"{DCP_METADATA} and {plural(len(data), '.distcp file')}"]
+    if others:
+        more = f" (+{len(others) - 20} more)" if len(others) > 20 else ""
+        notes.append(f"the folder also holds: {', '.join(others[:20])}{more}")
+    return Source(given, "dcp", path=metadata, size=size, notes=notes, picked=DCP_METADATA, others=others)
 
 
 def _resolve_remote(given: str, ref: HfReference, remote: dict) -> Source:

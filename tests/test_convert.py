@@ -357,6 +357,14 @@ def test_a_cast_that_overflows_leaves_no_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
 
+def test_a_cast_to_dcp_that_overflows_is_refused(tmp_path):
+    from ckpt_tools.convert import convert_to_dcp
+
+    torch.save({"w": torch.tensor([1.0, 1e5, 2.0])}, tmp_path / "m.pt")
+    with pytest.raises(UsageError, match="turns 1 finite value into Inf"):
+        convert_to_dcp(tmp_path / "m.pt", tmp_path / "out", dtype="fp16")
+
+
 def test_an_inf_already_in_the_source_casts_without_complaint(tmp_path):
     torch.save({"w": torch.tensor([1.0, float("inf")])}, tmp_path / "m.pt")
     result = convert_to_safetensors(tmp_path / "m.pt", tmp_path / "c.safetensors", dtype="fp16")

@@ -21,6 +21,7 @@ from ..http import RetryPolicy
 from ..pickle_safety import is_npz
 from ..render import plural
 from ..sources import Source, resolve
+from . import dcp
 from . import safetensors as st
 from . import torch_pickle as tp
 from .sharded import ShardedCheckpoint
@@ -38,11 +39,12 @@ FORMATS: dict[str, Format] = {
     "safetensors": Format(st.open_path, st.open_fileobj),
     "zip": Format(tp.open_zip_path, tp.open_zip_fileobj, tp.OPTIONS),
     "torch-legacy": Format(tp.open_legacy_path, None, tp.OPTIONS),
+    "dcp": Format(dcp.open_path, None, dcp.OPTIONS),  # sources.resolve names a DCP folder's format
 }
 # What ``select`` and ``inert`` mean; a file that holds no pickle has nothing to select inside and
 # nothing to run, so ``inert`` is harmless there and ``select`` an error.
 READER_OPTIONS: dict[str, str] = {
-    "select": "a dotted path to the state dict inside a torch pickle (e.g. model_ema)",
+    "select": "a dotted path to the state dict inside a torch pickle or DCP folder (e.g. model_ema)",
     "inert": "read a pickle that names code-running globals, without running it",
 }
 

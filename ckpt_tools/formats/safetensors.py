@@ -17,6 +17,7 @@ from ..checkpoint import Checkpoint
 from ..errors import InvalidCheckpointError
 from ..magic import SAFETENSORS_MAX_HEADER
 from ..meta import DTYPES, TensorMeta, torch_dtype
+from .ranges import read_runs, runs, slice_buffer
 
 _FIX = "the file is damaged or not safetensors: download or convert it again"
 
@@ -117,6 +118,7 @@ class SafetensorsCheckpoint(Checkpoint):
         self._metas, self.metadata, self._offsets, self._data_start = parse_header(
             fileobj.read(8), fileobj.read, file_size, source)
         self.header_bytes = self._data_start
+        self.data_bytes_read = 0  # tensor bytes read by read_slice
 
     def byte_span(self, key: str) -> tuple[Path, int, int] | None:
         """(file, offset, nbytes) of a tensor's bytes in a local file."""
@@ -141,6 +143,27 @@ class SafetensorsCheckpoint(Checkpoint):
         if not data:
             return torch.empty(meta.shape, dtype=torch_dtype(meta.dtype))
         return torch.frombuffer(data, dtype=torch_dtype(meta.dtype)).reshape(meta.shape)
+
+    def read_slice(self, key: str, offsets, sizes, out=None):
+        """The block ``[offsets, offsets + sizes)`` of a tensor; from a local file only its byte runs
+        are read (a row block is one read, a column block one read per row), into ``out`` when given
+        (a contiguous tensor of the block's shape and the tensor's dtype)."""
+        meta = self.meta(key)
+        box = tuple(int(o) for o in offsets), tuple(int(n) for n in sizes)
+        if len(box[0]) != len(meta.shape) or any(o + n > d for o, n, d in zip(*box, meta.shape, strict=True)):
+            raise InvalidCheckpointError(f"a slice at {list(box[0])} of size {list(box[1])} does not fit the shape "
+                                         f"{list(meta.shape)}", path=self.source, key=key,
+                                         fix="check that the model's tensor has the checkpoint's shape")
+        out = slice_buffer(out, box[1], meta.dtype, self.source, key)
+        if self._path is None:
+            out.copy_(self.tensor(key)[tuple(slice(o, o + n) for o, n in zip(*box, strict=True))])
+            self.data_bytes_read += out.numel() * out.element_size()
+            return out
+        if out.numel():
+            pieces = runs(int(DTYPES[meta.dtype][0]), box[1], meta.shape, box[0], box[1], (0,) * len(box[1]))
+            self.data_bytes_read += read_runs(self._file.fileno(), self._data_start + self._offsets[key][0], pieces,
+                                              out, source=self.source, key=key)
+        return out
 
     def close(self) -> None:
         self._safe = None

@@ -22,6 +22,7 @@ class ShardedCheckpoint(Checkpoint):
 
     def __init__(self, source: str, index: dict, open_shard: Callable[[str], Checkpoint]) -> None:
         super().__init__(source)
+        self._copied = 0
         self.metadata = {str(k): str(v) for k, v in (index.get("metadata") or {}).items()}
         self.shards: dict[str, Checkpoint] = {}
         try:
@@ -54,6 +55,24 @@ class ShardedCheckpoint(Checkpoint):
 
     def _load_tensor(self, key: str):
         return self._where[key].tensor(key)
+
+    @property
+    def data_bytes_read(self) -> int:
+        """Bytes read by ``read_slice``, all shards together."""
+        return self._copied + sum(getattr(part, "data_bytes_read", 0) for part in self.shards.values())
+
+    def read_slice(self, key: str, offsets, sizes, out=None):
+        """A block of a tensor, read by its shard: only its byte runs where the shard's reader can,
+        else copied from the mapped tensor (and its bytes counted)."""
+        self.meta(key)
+        part = self._where[key]
+        reader = getattr(part, "read_slice", None)
+        if reader is not None:
+            return reader(key, offsets, sizes, out=out)
+        block = part.tensor(key)[tuple(slice(o, o + n) for o, n in zip(offsets, sizes, strict=True))]
+        block = block.clone() if out is None else out.copy_(block)
+        self._copied += block.numel() * block.element_size()
+        return block
 
     def close(self) -> None:
         for part in getattr(self, "shards", {}).values():

@@ -33,9 +33,7 @@ from ..inert import (
 )
 from ..meta import TensorMeta
 from ..pickle_safety import check_zip_records
-from ..render import plural
-from ..selection import TOP
-from .wrappers import choose
+from .wrappers import choose, selection_notes
 
 OPTIONS = ("select", "inert")
 _LEGACY_NOTE = ("legacy (non-zip) torch pickle: storages that sit unaligned after the pickles are copied "
@@ -61,7 +59,7 @@ class TorchCheckpoint(Checkpoint):
         self.not_executed = {name: list(paths) for name, paths in selection.not_executed.items()}
         for name in contents.not_executed:  # named by the pickle but left behind in no entry
             self.not_executed.setdefault(name, [])
-        self.notes = [*contents.notes, *selection.notes, *_summary(selection, self.not_executed)]
+        self.notes = [*contents.notes, *selection.notes, *selection_notes(selection, self.not_executed)]
         self._root, self._refs, self._storages = contents.root, selection.state, storages
         self._records = contents.records
         self._metas = {name: TensorMeta.of(name, ref.shape, ref.dtype) for name, ref in self._refs.items()}
@@ -145,44 +143,6 @@ def _alias_groups(refs: dict[str, TensorRef]) -> list[list[str]]:
         if math.prod(ref.shape):
             groups.setdefault(ref.identity(), []).append(name)
     return [names for names in groups.values() if len(names) > 1]
-
-
-def _summary(selection, not_executed: dict[str, list[str]]) -> list[str]:
-    """One line each for what else the file holds, so nothing goes unmentioned."""
-    lines = [f"also found: {a.select} ({plural(a.tensors, 'tensor')}, {a.nbytes:,} bytes): --select {a.select}"
-             for a in selection.alternatives]
-    accounting = selection.accounting
-    if any(b.kind != "selected" for b in accounting.buckets):
-        elsewhere = ", ".join(b.describe()
-                              for b in accounting.buckets if b.kind != "selected")
-        lines.append(f"the file holds {plural(accounting.tensors, 'tensor')} ({accounting.nbytes:,} bytes); besides the "
-                     f"selected ones: {elsewhere}")
-    if not_executed:
-        outer = _outermost(not_executed)
-        shown = [f"{name} at {', '.join(p or TOP for p in paths[:3]) or '(no entry)'}"
-                 + (f" (+{len(paths) - 3})" if len(paths) > 3 else "") for name, paths in outer.items()]
-        inner = len(not_executed) - len(outer)
-        lines.append(f"not executed (read inertly, never imported or called): {'; '.join(shown)}"
-                     + (f"; and {inner} more globals inside them" if inner else ""))
-    return lines
-
-
-def _outermost(not_executed: dict[str, list[str]]) -> dict[str, list[str]]:
-    """The placeholders that do not sit inside another one (a DictConfig, not its nodes)."""
-    every = {path for paths in not_executed.values() for path in paths}
-
-    def inside(path: str) -> bool:
-        if path and "" in every:
-            return True
-        cut = path.rfind(".")
-        while cut > 0:
-            if path[:cut] in every:
-                return True
-            cut = path.rfind(".", 0, cut)
-        return False
-
-    outer = {name: [p for p in paths if not inside(p)] for name, paths in not_executed.items()}
-    return {name: paths for name, paths in outer.items() if paths or not not_executed[name]}
 
 
 def _materialised(root, storages: MappedStorages, source: str):
