@@ -12,7 +12,6 @@ count, and settings (offline mode, a 404) are never retried.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import random
 import socket
@@ -25,6 +24,7 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 from .errors import HubError, foreign_message
+from .rawio import SizedReader
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 BLOCK_SIZE = 64 * 1024
@@ -213,7 +213,7 @@ def head_file(repo_id: str, path: str, revision: str, *, endpoint: str, token: s
     return meta
 
 
-class RangeFile(io.RawIOBase):
+class RangeFile(SizedReader):
     """A read-only, seekable view of a remote file that fetches byte ranges on demand.
 
     Reads are served from ``block_size`` blocks kept in a small LRU cache; contiguous missing
@@ -225,36 +225,19 @@ class RangeFile(io.RawIOBase):
                  retry: RetryPolicy | None = None) -> None:
         import requests
 
-        super().__init__()
-        self.url, self.size, self.etag = url, size, etag
+        super().__init__(size)
+        self.url, self.etag = url, etag
         self.headers = dict(headers or {})
         self.headers["Accept-Encoding"] = "identity"
         self.block_size, self.cache_blocks = block_size, cache_blocks
         self.retry = retry or RetryPolicy()
         self.bytes_fetched = 0
         self.requests = 0
-        self._pos = 0
         self._blocks: OrderedDict[int, bytes] = OrderedDict()
         self._session = requests.Session()
         self._lock = threading.Lock()
 
     # -- io.RawIOBase --
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
         n = max(0, min(len(view), self.size - self._pos))

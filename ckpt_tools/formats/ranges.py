@@ -11,7 +11,6 @@ that is a whole ``torch.save`` zip stored inside a ``.distcp`` file).
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -19,6 +18,7 @@ from itertools import product
 
 from ..errors import InvalidCheckpointError, UsageError
 from ..meta import torch_dtype
+from ..rawio import SizedReader
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
 
@@ -109,34 +109,18 @@ def read_runs(fd: int, base: int, pieces, out, *, source: str, key: str | None =
     return total
 
 
-class FileWindow(io.RawIOBase):
+class FileWindow(SizedReader):
     """Bytes ``[start, start + length)`` of an open file, read as a file of their own (seekable,
     positional reads, so windows on one descriptor do not disturb each other). ``bytes_read``
     counts what was read through it."""
 
     def __init__(self, fd: int, start: int, length: int) -> None:
-        super().__init__()
-        self._fd, self._start, self._length, self._pos = fd, start, length, 0
+        super().__init__(length)
+        self._fd, self._start = fd, start
         self.bytes_read = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
-        if base + offset < 0:
-            raise OSError(22, "negative seek position")
-        self._pos = base + offset
-        return self._pos
-
     def readinto(self, buffer) -> int:
-        n = min(len(buffer), self._length - self._pos)
+        n = min(len(buffer), self.size - self._pos)
         if n <= 0:
             return 0
         got = os.preadv(self._fd, [memoryview(buffer).cast("B")[:n]], self._start + self._pos)
