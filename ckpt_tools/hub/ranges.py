@@ -37,6 +37,7 @@ import json
 import os
 import threading
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,6 +272,15 @@ class RangeStream(Stream):
     def write(self, data: bytes) -> None:
         self.job.write(self.index, self.offset, data)
 
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """While a response body streams, this range holds a connection: the download knows which."""
+        self.job.streaming(self.index, True)
+        try:
+            yield
+        finally:
+            self.job.streaming(self.index, False)
+
 
 class RangedDownload:
     """The shared state of one ranged transfer: the ranges still to fetch, how far each got, the
@@ -303,6 +313,7 @@ class RangedDownload:
         self.record_due = threading.Condition(self.lock)
         self.hash_error: BaseException | None = None
         self.on_bytes = lambda n: None
+        self.flowing: set[int] = set()  # ranges whose response body streams now (holding a connection)
         self._advance_first()
 
     # -- workers --
@@ -335,11 +346,21 @@ class RangedDownload:
         if self.first == len(self.spans) and self.tail is None:
             self.tail = self.expect.size - self.hashed
 
+    def streaming(self, index: int, flowing: bool) -> None:
+        with self.lock:
+            (self.flowing.add if flowing else self.flowing.discard)(index)
+            self.moved.notify_all()
+
     def _room(self) -> bool:
         """Whether a connection past the prefix may write more (called under the lock): at most
         ``ahead`` bytes written now wait in the prefix or in complete ranges past it. On a busy CPU
         this leaves the connection at the prefix, which never waits, and the hasher to go on, as
-        one stream would; when the link is the bottleneck the hasher keeps up and nobody waits."""
+        one stream would; when the link is the bottleneck the hasher keeps up and nobody waits.
+        A prefix with no body streaming never makes anyone wait: its range may be waiting for the
+        very connection a waiting writer holds (connections are capped across files), so waiting
+        could last forever."""
+        if self.first < len(self.spans) and self.first not in self.flowing:
+            return True
         frontier = self._frontier()
         behind = frontier - self.hashed + self.done_ahead
         if behind <= self.ahead or self.stop.is_set():
