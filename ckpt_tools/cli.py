@@ -19,6 +19,7 @@ import click
 
 from . import demo as demo_module
 from . import hub, server
+from .convert_plan import DTYPE_CHOICES
 from .diff import diff_keys
 from .errors import CkptError, UsageError
 from .fit import WRITERS, convert_fitting
@@ -268,7 +269,7 @@ def remap(src: str, dst: str, force: bool, select: str | None, inert: bool, **kw
 @click.argument("src")
 @click.argument("dst")
 @remap_options
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+@click.option("--dtype", type=click.Choice(list(DTYPE_CHOICES), case_sensitive=False), default=None,
               help="Cast floating-point tensors (integer and bool tensors keep their dtype).")
 @click.option("--max-shard-size", metavar="SIZE",
               help="Write DST as a folder of shards of at most SIZE (e.g. 2GB, 500MB) plus an index.")
@@ -576,7 +577,25 @@ def demo(keep: str | None, seed: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.main(args=argv, prog_name="ckpt")
+    try:
+        code = cli.main(args=argv, prog_name="ckpt", standalone_mode=False)
+    except click.UsageError as exc:  # a bad option or argument: one line, like every other error
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `ckpt` alone: the help is the answer
+            click.echo(exc.format_message(), err=True)
+            sys.exit(exc.exit_code)
+        where = exc.ctx.command_path if exc.ctx is not None else "ckpt"
+        click.echo(f"error: {exc.format_message().rstrip('.')}; fix: see `{where} --help`", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    if isinstance(code, int):  # ctx.exit(N) returns N when click does not exit itself
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -164,13 +164,15 @@ def convert_to_safetensors(src: str | Path, dst: str | Path, *, rules=None,
         if extras_file:
             check_output_name(extras_file, "JSON")
         destination = plan.destination
+        _check_not_into_dcp(checkpoint, plan.outputs)
         _check_destination(destination, plan.outputs + [p for p in (destination.index, extras_file) if p],
                            checkpoint.files, force)
         metadata = _provenance(src, checkpoint, rules, plan.aliases, plan.dtype)
+        extras = _extras_json(checkpoint) if extras_file else {}
         writer = _ShardWriter(checkpoint, destination, verify)
         with disk_full_as_error(dst, plan.bytes):
             bytes_written, verified = writer.write(plan.shards, plan.outputs, metadata, plan.aliases)
-            written_extras = _write_extras(checkpoint, extras_file) if extras_file else []
+            written_extras = _write_extras(extras, extras_file) if extras_file else []
         result = ConversionResult(
             source=str(src), destination=str(dst), files=[str(p) for p in writer.committed],
             tensors=len(plan.tensors), aliases_removed=plan.aliases, renamed=plan.remap.renamed,
@@ -192,6 +194,7 @@ def convert_to_dcp(src: str | Path, dst: str | Path, *, rules=None, dtype: str |
     only once it is complete and verified bit for bit."""
     rules = coerce_rules(rules)
     folder = Path(dst)
+    check_output_name(folder, "a DCP folder")
     with open_checkpoint(src, select=select, inert=inert) as checkpoint:
         _check_selection(checkpoint)
         if verify:  # a damaged source is refused before anything is written
@@ -202,6 +205,7 @@ def convert_to_dcp(src: str | Path, dst: str | Path, *, rules=None, dtype: str |
             check_output_name(extras_file, "JSON")
         _check_dcp_destination(folder, checkpoint.files, [extras_file] if extras_file else [], force)
         entries = [(item.meta, _cast_tensor_of(checkpoint, item)) for item in plan.tensors]
+        extras = _extras_json(checkpoint) if extras_file else {}
         with disk_full_as_error(dst, plan.bytes), AtomicFolder(folder, dcp_file) as staging:
             try:
                 written = write_dcp(staging.path, entries)
@@ -209,7 +213,7 @@ def convert_to_dcp(src: str | Path, dst: str | Path, *, rules=None, dtype: str |
                 raise exc.located(checkpoint.source) from None
             verified = verify_dcp(staging.path, plan.tensors, checkpoint, str(folder)) if verify else 0
             staging.commit()
-            written_extras = _write_extras(checkpoint, extras_file) if extras_file else []
+            written_extras = _write_extras(extras, extras_file) if extras_file else []
         notes = [*checkpoint.notes, "a DCP folder has no place for free-form metadata: where it came from (source, "
                                     "remap rules) is not recorded in it"]
         return ConversionResult(
@@ -258,6 +262,19 @@ def verify_dcp(folder: Path, planned: Sequence[Planned], checkpoint, shown: str)
                                      fix="check the disk; nothing was kept")
             del got, want
     return len(planned)
+
+
+def _check_not_into_dcp(checkpoint: Checkpoint, outputs: Sequence[Path]) -> None:
+    """A DCP folder belongs to its writer (torch replaces or cleans it whole): safetensors written
+    into it would leave one folder holding two checkpoints."""
+    folder = getattr(checkpoint, "folder", None)
+    if checkpoint.format != "dcp" or folder is None:
+        return
+    inside = [p for p in outputs if Path(p).resolve().parent == folder.resolve()]
+    if inside:
+        raise OutputExistsError("the output would be written into the DCP folder it is converted from",
+                                path=str(inside[0]), fix="write it beside the folder, e.g. model.safetensors "
+                                                          "or out/")
 
 
 def _check_selection(checkpoint: Checkpoint) -> None:
@@ -463,10 +480,14 @@ def _verify_tensors(path: str, items: Sequence[Planned], checkpoint, shown: str,
             mapped.close()
 
 
-def _write_extras(checkpoint, path: Path) -> list[str]:
-    """Write the JSON-able extras to ``path`` (atomically); return their names."""
-    values = checkpoint.extra_values()
-    written = {name: value for name, value in values.items() if _json_able(value)}
+def _extras_json(checkpoint) -> dict:
+    """The JSON-able extras, read before anything is written: an extra that cannot be read (a
+    hostile pickle) stops the conversion while nothing exists yet."""
+    return {name: value for name, value in checkpoint.extra_values().items() if _json_able(value)}
+
+
+def _write_extras(written: dict, path: Path) -> list[str]:
+    """Write the extras to ``path`` (atomically); return their names."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with AtomicFile(path) as handle:
         handle.write(json.dumps(written, indent=2, sort_keys=True).encode("utf-8") + b"\n")

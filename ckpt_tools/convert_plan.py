@@ -28,7 +28,8 @@ INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 DEFAULT_SHARD_SIZE = "5GB"  # what a folder DST gets without --max-shard-size (transformers' long-time default)
-DTYPE_CHOICES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+DTYPE_CHOICES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32",
+                 "bfloat16": "BF16", "float16": "F16", "half": "F16", "float32": "F32", "float": "F32"}  # torch's names
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 

@@ -225,6 +225,9 @@ class KeyReport:
     def inference_line(self) -> str:
         """``with these 2 rules: OK (171 matched)``, and how to use them."""
         n = len(self.inference.rules)
+        if not n:
+            return (f"no rule inferred: {plural(len(self.inference.ambiguous), 'ambiguous pairing')} (below) could "
+                    "go either way; say which with --rename REGEX=REPL")
         head, them = ("with this inferred rule", "it") if n == 1 else (f"with these {n} inferred rules", "them")
         if self.auto_remapped:
             return f"applied {plural(n, 'inferred rule')} (--auto-remap): see below"
@@ -271,7 +274,9 @@ class KeyReport:
             lines += [""] + [f"- hint: {_hint_text(h)}" for h in self.hints]
         if self.inference is not None:
             flags = rule_flags(self.inference.rules, self.inference.maps)
-            lines += ["", f"**{self.inference_line()}**: `{flags}`"]
+            lines += ["", f"**{self.inference_line()}**" + (f": `{flags}`" if flags else "")]
+            lines += [f"- ambiguous: `{a['key']}` could be {', '.join(f'`{c}`' for c in a['candidates'])}"
+                      for a in self.inference.ambiguous]
         if self.values is not None:
             lines += ["", self.values.to_markdown()]
         if self.load is not None:
@@ -452,6 +457,8 @@ def compare(ck: Side, target: Side, *, remap=None, expect_missing: Sequence[str]
     inference = infer_rules(ck.metas, target.metas, checkpoint_aliases=ck.groups, target_aliases=target.groups,
                             base_rules=user_rules, tail_rules=preset_rules)
     if not inference.rules:
+        if inference.ambiguous:  # nothing applied, but the pairings that could go either way are said
+            report.inference = inference
         return report
     with_rules = _compare(ck, target, user_rules + inference.rules, preset_rules, expect_missing, require)
     checked = {"verdict": with_rules.verdict, "counts": with_rules.counts, "summary": with_rules.summary_line()}

@@ -29,4 +29,10 @@ def convert_fitting(src: str | Path, dst: str | Path, target, *, rules=None, sel
     result.inferred_rules = [rule.to_dict() for rule in inferred]
     result.notes.append(f"applied {plural(len(inferred), 'remap rule')} inferred against {report.target}" if inferred
                         else f"no remap rule inferred against {report.target}: converted with the given rules")
+    if report.inference is not None and report.inference.ambiguous:
+        result.notes.append(f"{plural(len(report.inference.ambiguous), 'pairing')} could go either way and "
+                            "were left as they are (`ckpt diff` lists them)")
+    if not report.ok:
+        result.notes.append(f"warning: the written names still do not fit {report.target} "
+                            f"({report.summary_line()}); `ckpt diff {dst} --model ...` shows where")
     return result

@@ -473,6 +473,7 @@ OUTPUT_SUFFIXES: dict[str, tuple[str, ...]] = {
     "plain pickle": (".pkl", ".pickle"),
     "GGUF": (".gguf",),
     "ONNX": (".onnx",),
+    "a DCP folder": ("",),  # a folder: no extension
 }
 
 
@@ -481,6 +482,8 @@ def check_output_name(path: str | Path, kind: str, *, otherwise: str = "") -> No
     naming the right extension, and ``otherwise`` a way to get the promised one); a name without a
     known extension is left to the user."""
     suffix = Path(path).suffix.lower()
+    if not suffix:
+        return
     promised = next((name for name, suffixes in OUTPUT_SUFFIXES.items() if suffix in suffixes), None)
     if promised is not None and promised != kind:
         right = OUTPUT_SUFFIXES[kind][0]

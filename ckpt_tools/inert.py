@@ -313,10 +313,17 @@ BUILTIN_DATA = frozenset({
 })
 
 
+# data holders that live in code-running modules: a BytesIO holds bytes and opens nothing
+# (TransformerEngine saves its modules' ``_extra_state`` as one)
+DATA_IN_CODE_MODULES = frozenset({"io.BytesIO", "_io.BytesIO"})
+
+
 def is_code_global(module: str, name: str) -> bool:
     """True for a global that runs code, loads code or reaches the system (see the module docstring)."""
     if "." in name:  # ``Path.unlink``: a method reached by name through its class
         return True
+    if f"{module}.{name}" in DATA_IN_CODE_MODULES:
+        return False
     if module == "builtins":
         return name not in BUILTIN_DATA
     if module.split(".")[0] in CODE_MODULES:
@@ -680,13 +687,13 @@ class _Storages:
         return self.refs.setdefault(str(view_key), ref)
 
 
-def loads(data: bytes, *, source: str = "<pickle>", inert: bool = False) -> Contents:
+def loads(data: bytes, *, source: str = "<pickle>", inert: bool = False, record: str = "pickle") -> Contents:
     """One pickle held in memory (no torch storages), read inertly; refused like a checkpoint's
-    pickle when it names code-running globals, unless ``inert``."""
+    pickle when it names code-running globals, unless ``inert``. ``record`` names it in errors."""
     uses: dict[str, GlobalUse] = {}
     notes: list[str] = []
     try:
-        root = _unpickle(io.BytesIO(data), uses, "pickle", source)
+        root = _unpickle(io.BytesIO(data), uses, record, source)
     except InvalidCheckpointError:
         _check_hostile(uses, source, inert, notes)
         raise

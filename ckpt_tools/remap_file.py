@@ -79,6 +79,11 @@ class RemapCheckpointResult:
         return text + "".join(f"\n- note: {n}" for n in self.notes)
 
 
+# formats remap does not write, and the command that does
+_OTHER_WRITER = {"dcp": "`ckpt convert SRC DST_DIR --to dcp` with the same rules writes a DCP folder again "
+                        "(or drop --to dcp for safetensors)"}
+
+
 def remap_checkpoint(src: str | Path, dst: str | Path, *, rules=None, force: bool = False,
                      select: str | None = None, inert: bool = False) -> RemapCheckpointResult:
     """Rewrite keys, keeping the format: safetensors (single or sharded) stays safetensors, a torch
@@ -93,7 +98,7 @@ def remap_checkpoint(src: str | Path, dst: str | Path, *, rules=None, force: boo
     writer = _REMAP_WRITERS.get(kind)
     if writer is None:
         raise UsageError(f"remap cannot write the {kind} format", path=str(src),
-                         fix="use `ckpt convert` to write safetensors")
+                         fix=_OTHER_WRITER.get(kind, "use `ckpt convert` to write safetensors (it remaps too)"))
     return writer(src, dst, rules, force, kind, files, options)
 
 

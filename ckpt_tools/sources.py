@@ -44,7 +44,8 @@ _HUB_FIX = "check the path, or use hf://ORG/NAME[@REVISION]/PATH for the hub"
 # A torch.distributed.checkpoint (DCP) folder: this pickled metadata file, and the chunk files it
 # names (``__<rank>_<n>.distcp`` as torch's FileSystemWriter writes them).
 DCP_METADATA = ".metadata"
-DCP_DATA_GLOB = "*.distcp"
+DCP_DATA_SUFFIX = ".distcp"
+DCP_DATA_GLOB = "*" + DCP_DATA_SUFFIX
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +245,14 @@ def resolve(source: str | Path | HfReference | BinaryIO, *, revision: str | None
         return _dcp_source(text, folder / DCP_METADATA, folder)
     if folder is None and path.name == DCP_METADATA:
         return _dcp_source(text, path, None)
+    if folder is None and path.suffix == DCP_DATA_SUFFIX:
+        raise UsageError("one rank's file of a torch.distributed.checkpoint folder: its tensors are blocks that "
+                         "only the folder's .metadata places", path=text,
+                         fix=f"pass the folder: {path.parent.as_posix()}/")
+    if folder is not None and not (folder / DCP_METADATA).exists() and any(folder.glob(DCP_DATA_GLOB)):
+        raise InvalidCheckpointError(f"a torch.distributed.checkpoint folder without its {DCP_METADATA}: the save "
+                                     "did not finish (torch writes it last) or the file was not copied", path=text,
+                                     fix=f"copy {DCP_METADATA} from where the checkpoint was saved, or save it again")
     if folder is not None:
         path = pick_from_folder(folder)
     if is_index_name(path.name):

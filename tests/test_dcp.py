@@ -252,6 +252,72 @@ def test_a_dcp_folder_written_as_safetensors_is_read_too(tmp_path):
         assert torch.equal(read.read_slice("w", (1, 1), (2, 2)), state["w"][1:3, 1:3])
 
 
+def _safetensors_dcp(folder: Path, state: dict) -> Path:
+    """``state`` saved by torch's dcp.save in its safetensors serialization (every chunk of a file
+    then points at the file's start)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, storage_writer=FileSystemWriter(folder, serialization_format=SerializationFormat.SAFETENSORS))
+    return folder
+
+
+def test_tensors_of_one_shape_in_a_safetensors_dcp_keep_their_own_values(tmp_path):
+    import torch
+
+    from ckpt_tools import open_checkpoint
+
+    state = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([4.0, 5.0, 6.0]), "c": torch.zeros(3)}
+    with open_checkpoint(_safetensors_dcp(tmp_path / "st", state)) as read:
+        assert _bitwise_equal({k: read.tensor(k) for k in read.keys()}, state)
+
+
+def test_a_safetensors_dcp_file_with_a_damaged_header_is_refused(run_cli, tmp_path):
+    import torch
+
+    folder = _safetensors_dcp(tmp_path / "st", {"a": torch.ones(3), "b": torch.zeros(3)})
+    with open(folder / "__0_0.distcp", "r+b") as handle:
+        handle.write(b"\xff" * 8)
+    done = run_cli("convert", folder, tmp_path / "out.safetensors")
+    assert (done.exit_code, "no valid safetensors header" in done.stderr) == (2, True)
+
+
+def test_one_ranks_file_alone_is_refused_with_the_folder_as_the_fix(two, run_cli):
+    done = run_cli("inspect", two / "dcp-model" / "__0_0.distcp")
+    assert done.stderr.strip().endswith(f"fix: pass the folder: {(two / 'dcp-model').as_posix()}/")
+
+
+def test_a_folder_of_distcp_files_without_metadata_says_so(two, run_cli, tmp_path):
+    folder = _copy(two / "dcp-model", tmp_path / "ckpt")
+    (folder / ".metadata").unlink()
+    done = run_cli("inspect", folder)
+    assert "without its .metadata" in done.stderr
+
+
+def test_convert_never_writes_into_the_dcp_folder_it_reads(two, run_cli, tmp_path):
+    folder = _copy(two / "dcp-model", tmp_path / "ckpt")
+    before = sorted(p.name for p in folder.iterdir())
+    done = run_cli("convert", folder, folder)
+    assert (done.exit_code, sorted(p.name for p in folder.iterdir())) == (2, before)
+
+
+def test_an_unreadable_extra_stops_a_conversion_before_anything_is_written(run_cli, tmp_path):
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(2), "cfg": _Hostile()}, checkpoint_id=tmp_path / "evil")
+    done = run_cli("convert", tmp_path / "evil", tmp_path / "out.safetensors", "--extras", tmp_path / "x.json")
+    assert (done.exit_code, sorted(p.name for p in tmp_path.iterdir())) == (2, ["evil"])
+
+
 # ---------------------------------------------------------------------------------------------
 # damaged and hostile folders: one line, exit 2
 

@@ -26,11 +26,17 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint import Checkpoint
-from ..errors import CheckpointNotFoundError, InvalidCheckpointError, UnsupportedFormatError
+from ..errors import (
+    CheckpointNotFoundError,
+    InvalidCheckpointError,
+    UnsafePickleError,
+    UnsupportedFormatError,
+)
 from ..inert import MAX_PICKLE_BYTES, TORCH_DTYPES, is_inert, loads, plain, read_zip
 from ..magic import HEAD_BYTES, is_safetensors
 from ..meta import DTYPES, TensorMeta, torch_dtype
@@ -188,7 +194,7 @@ def read_metadata(path: Path, source: str, *, inert: bool = False) -> DcpMetadat
                                       fix="check the path and its permissions") from None
     if not data:
         raise InvalidCheckpointError(".metadata is empty", path=source, fix=_TRUNCATED)
-    contents = loads(data, source=source, inert=inert)
+    contents = loads(data, source=source, inert=inert, record=".metadata")
     root = contents.root
     if getattr(root, "dotted", None) != f"{_MODULE}.Metadata":
         raise _bad(source, f"the pickle holds {getattr(root, 'dotted', type(root).__name__)}, not a DCP Metadata")
@@ -349,12 +355,15 @@ class DcpCheckpoint(Checkpoint):
         self.folder = metadata_path.parent
         self._inert = inert
         self._fds: dict[str, int] = {}
-        self._stored: dict[Chunk, _Stored] = {}
+        self._stored: dict[tuple[str, Chunk], _Stored] = {}  # chunks of different tensors may be equal
         self._blobs: dict[tuple[str, int], tuple | None] = {}  # safetensors headers inside .distcp files
         self.data_bytes_read = 0
         self.dcp = read_metadata(metadata_path, source, inert=inert)
-        sizes = self._check_files()
         selection = choose(tree(self.dcp), source, select)
+        sizes, damaged = self._check_files(selection)
+        starts = Counter((c.file, c.offset) for e in self.dcp.entries.values() if isinstance(e, DcpTensor)
+                         for c in e.chunks)
+        self._shared_starts = {file for (file, _), n in starts.items() if n > 1}
         self.selection = selection
         self.wrapper, self.extras = selection.wrapper, dict(selection.extras)
         self.alternatives, self.accounting = list(selection.alternatives), selection.accounting
@@ -363,12 +372,14 @@ class DcpCheckpoint(Checkpoint):
         self._metas = {name: TensorMeta.of(name, e.shape, e.dtype) for name, e in self._entries.items()}
         if self.dcp.version:
             self.metadata["dcp_version"] = self.dcp.version
-        self.notes = [*self.dcp.notes, *self._layout_notes(sizes), *selection.notes,
+        self.notes = [*self.dcp.notes, *self._layout_notes(sizes), *damaged, *selection.notes,
                       *selection_notes(selection, self.not_executed)]
 
     # -- checks and listing --
-    def _check_files(self) -> dict[str, int]:
-        """Every file the metadata names is there and long enough for what it holds."""
+    def _check_files(self, selection) -> tuple[dict[str, int], list[str]]:
+        """Every file the metadata names is there and long enough for what it holds: the selected
+        state's tensors must be (an error otherwise); an entry outside it that is cut short (an
+        optimizer moment in a truncated rank file) is a note, read only if asked for."""
         sizes = {}
         for name in self.dcp.files:
             try:
@@ -377,14 +388,23 @@ class DcpCheckpoint(Checkpoint):
                 raise CheckpointNotFoundError(f"the .metadata names {name}, which is missing", path=self.source,
                                               fix=f"copy {name} into the folder with the rest of the checkpoint") \
                     from None
+        selected = {id(entry) for entry in selection.state.values()}
+        cut = []
         for fqn, entry in self.dcp.entries.items():
             spans = ([(c.file, c.offset + c.length) for c in entry.chunks] if isinstance(entry, DcpTensor)
                      else [(entry.file, entry.offset + entry.length)])
             for name, end in spans:
-                if end > sizes[name]:
+                if end <= sizes[name]:
+                    continue
+                if id(entry) in selected:
                     raise InvalidCheckpointError(f"truncated: {name} is {sizes[name]:,} bytes but this entry's "
                                                  f"bytes end at {end:,}", path=self.source, key=fqn, fix=_TRUNCATED)
-        return sizes
+                cut.append(fqn)
+                break
+        damaged = [f"truncated: {len(cut)} {'entry' if len(cut) == 1 else 'entries'} outside the selected state end past their "
+                   f"file's end ({', '.join(cut[:4])}{', ...' if len(cut) > 4 else ''}); they cannot be read"] \
+            if cut else []
+        return sizes, damaged
 
     def _layout_notes(self, sizes: dict[str, int]) -> list[str]:
         tensors = [e for e in self.dcp.entries.values() if isinstance(e, DcpTensor)]
@@ -428,9 +448,9 @@ class DcpCheckpoint(Checkpoint):
         return self._fds[name]
 
     def _stored_at(self, entry: DcpTensor, chunk: Chunk) -> _Stored:
-        found = self._stored.get(chunk)
+        found = self._stored.get((entry.fqn, chunk))
         if found is None:
-            found = self._stored[chunk] = self._locate(entry, chunk)
+            found = self._stored[(entry.fqn, chunk)] = self._locate(entry, chunk)
         return found
 
     def _locate(self, entry: DcpTensor, chunk: Chunk) -> _Stored:
@@ -444,6 +464,12 @@ class DcpCheckpoint(Checkpoint):
         if chunk.length == chunk.numel * itemsize:  # raw bytes: a torch.save zip is always longer
             blob = self._safetensors_at(fd, chunk, where)
             if blob is None:
+                if chunk.file in self._shared_starts:
+                    # torch's safetensors serialization points every chunk of a file at its start
+                    raise InvalidCheckpointError(
+                        "several chunks of this file start at the same byte, as in torch's safetensors "
+                        "serialization, but no valid safetensors header is there", path=where, key=entry.fqn,
+                        fix="the file is damaged: copy it again, or save the checkpoint again")
                 return _Stored(chunk.file, chunk.offset)
             return self._in_safetensors(entry, chunk, blob, where)
         window = FileWindow(fd, chunk.offset, chunk.length)
@@ -577,8 +603,13 @@ class DcpCheckpoint(Checkpoint):
     def _value(self, value):
         if isinstance(value, DcpObject):
             window = FileWindow(self._fd(value.file), value.offset, value.length)
+            where = f"{self.source}/{value.file}"
             try:
-                return plain(read_zip(window, f"{self.source}/{value.file}", inert=self._inert).root)
+                return plain(read_zip(window, where, inert=self._inert).root)
+            except UnsafePickleError as exc:  # a rank's file alone cannot be scanned: name the folder
+                exc.fix = (exc.fix or "").replace(f"ckpt scan {where}", f"ckpt scan {self.source}")
+                exc.args = (exc.one_line(),)
+                raise
             finally:
                 self.data_bytes_read += window.bytes_read
         if isinstance(value, dict):
