@@ -350,16 +350,16 @@ def rules_from_cli(strip_prefix: Sequence[str] = (), add_prefix: Sequence[str] =
                    rename: Sequence[str] = (), drop: Sequence[str] = (), keep: Sequence[str] = (),
                    presets: Sequence[str] = (), rules_file: str | Path | None = None) -> list[Rule] | None:
     """Rules from the CLI flags, in the documented order: presets, strip-prefix, add-prefix,
-    rename, drop, keep, then the rules file. Repeated --drop/--keep globs form one rule each (a
-    key is kept when it matches any --keep glob). None when no flag was given."""
+    rename, drop, keep, then the rules file. Each --drop glob is a rule of its own (so one that
+    matches nothing is reported); repeated --keep globs form one rule (a key is kept when it
+    matches any of them). None when no flag was given."""
     rules: list[Rule] = []
     for name in presets:
         rules += preset_rules(name)
     rules += [Rule("strip_prefix", (p,), "--strip-prefix") for p in strip_prefix]
     rules += [Rule("add_prefix", (p,), "--add-prefix") for p in add_prefix]
     rules += [Rule("rename", parse_rename(text), "--rename") for text in rename]
-    if drop:
-        rules.append(Rule("drop", tuple(drop), "--drop"))
+    rules += [Rule("drop", (glob,), "--drop") for glob in drop]
     if keep:
         rules.append(Rule("keep", tuple(keep), "--keep"))
     if rules_file is not None:

@@ -46,3 +46,12 @@ def test_record_appends_and_run_all_renders_a_table(harness, tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| op ")]
     assert len(rows) == 2
     assert "| 1.00x | met: ratio <= 1.3 |" in rows[0]
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("bench_*.py")))
+def test_every_benchmark_script_imports_and_explains_itself(script):
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert (done.returncode, done.stderr) == (0, "")

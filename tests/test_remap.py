@@ -160,10 +160,10 @@ def test_rules_from_cli_order_and_none_when_empty(tmp_path):
     kinds = [(r.kind, r.args) for r in rules]
     assert kinds == [
         ("strip_prefix", ("module.",)), ("strip_prefix", ("s.",)), ("add_prefix", ("a.",)),
-        ("rename", ("^r", "q")), ("drop", ("d1", "d2")), ("keep", ("k",)), ("rename", ("^x", "y")),
+        ("rename", ("^r", "q")), ("drop", ("d1",)), ("drop", ("d2",)), ("keep", ("k",)), ("rename", ("^x", "y")),
         ("rename", (r"(?<![^.])_orig_mod\.", "")),
     ]
-    assert rules[6].origin == str(rules_file)
+    assert rules[7].origin == str(rules_file)
 
 
 def test_preset_flag_runs_before_user_rules():

@@ -372,6 +372,11 @@ class DcpCheckpoint(Checkpoint):
         self._metas = {name: TensorMeta.of(name, e.shape, e.dtype) for name, e in self._entries.items()}
         if self.dcp.version:
             self.metadata["dcp_version"] = self.dcp.version
+        unnamed = sorted(p.name for p in self.folder.glob("*.distcp") if p.name not in sizes)
+        if unnamed:  # torch never reads them: left from an earlier save with more ranks?
+            damaged.append(f"not named by .metadata, so never read: {', '.join(unnamed[:8])}"
+                           + (f" (+{len(unnamed) - 8})" if len(unnamed) > 8 else "")
+                           + "; left over from an earlier save?")
         self.notes = [*self.dcp.notes, *self._layout_notes(sizes), *damaged, *selection.notes,
                       *selection_notes(selection, self.not_executed)]
 

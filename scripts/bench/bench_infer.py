@@ -32,9 +32,10 @@ from pathlib import Path
 
 import harness
 
-from ckpt_tools.diff import compare, mapping_side, preset_side
+from ckpt_tools.diff import compare
 from ckpt_tools.infer import infer_rules
 from ckpt_tools.meta import TensorMeta
+from ckpt_tools.targets import mapping_side, preset_side
 
 LAYOUTS = Path(__file__).resolve().parent / "data" / "openflamingo-released-keys.json"
 PRESET_9B = "openflamingo-9b-vitl-mpt7b"
