@@ -496,6 +496,26 @@ def test_verification_failure_is_an_integrity_error_and_keeps_nothing(tmp_path, 
     assert os.listdir(tmp_path) == ["s.pt"]
 
 
+def test_verification_of_a_cast_tensor_catches_a_flipped_byte(tmp_path, monkeypatch):
+    # a cast tensor is written from memory, so it is compared with its cast source, not copied ranges
+    import ckpt_tools.safetensors_writer as writer
+
+    torch.save({"a": torch.ones(4), "b": torch.zeros(4)}, tmp_path / "s.pt")
+    real = writer._write_tensor
+
+    def corrupt_b(out, meta, tensor, spans):
+        written = real(out, meta, tensor, spans)
+        if meta.name == "b":
+            os.pwrite(out.fd, b"\xff", os.lseek(out.fd, 0, os.SEEK_CUR) - 1)
+        return written
+
+    monkeypatch.setattr(writer, "_write_tensor", corrupt_b)
+    with pytest.raises(IntegrityError, match="differ") as info:
+        convert_to_safetensors(tmp_path / "s.pt", tmp_path / "o.safetensors", dtype="F16")
+    assert info.value.key == "b"
+    assert os.listdir(tmp_path) == ["s.pt"]
+
+
 def test_a_written_header_that_lists_other_tensors_is_an_integrity_error(tmp_path, monkeypatch):
     import ckpt_tools.safetensors_writer as writer
 
@@ -659,6 +679,22 @@ def test_remap_pickle_verification_catches_a_flipped_byte(tmp_path, monkeypatch)
 def test_remap_pickle_verification_catches_a_changed_dtype(tmp_path, monkeypatch):
     torch.save({"module.a": torch.arange(4.0)}, tmp_path / "w.pt", _use_new_zipfile_serialization=False)
     _save_altered(monkeypatch, lambda state: {"a": state["a"].double()})
+    with pytest.raises(IntegrityError, match="does not list the remapped tensors"):
+        remap_checkpoint(tmp_path / "w.pt", tmp_path / "o.pt", rules=rules_from_cli(presets=("ddp",)))
+    assert os.listdir(tmp_path) == ["w.pt"]
+
+
+def test_remap_without_torch_verification_catches_a_wrong_listing(tmp_path, monkeypatch):
+    # a torch zip is rewritten without torch: a pickle naming another tensor than planned is refused
+    import ckpt_tools.remap_file as remap_file
+
+    torch.save({"module.a": torch.arange(4.0), "module.b": torch.ones(3)}, tmp_path / "w.pt")
+    real = remap_file.plan_torch_zip
+
+    def plan(root, *args, **kwargs):
+        return real({("z" if name == "a" else name): ref for name, ref in root.items()}, *args, **kwargs)
+
+    monkeypatch.setattr(remap_file, "plan_torch_zip", plan)
     with pytest.raises(IntegrityError, match="does not list the remapped tensors"):
         remap_checkpoint(tmp_path / "w.pt", tmp_path / "o.pt", rules=rules_from_cli(presets=("ddp",)))
     assert os.listdir(tmp_path) == ["w.pt"]
