@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import RemapError, UsageError
+from .errors import UsageError
 from .fs import check_output_name
 from .meta import FLOAT_DTYPES, TensorMeta
 from .remap import RemapResult, Rule, apply_remap
@@ -186,9 +186,7 @@ def plan_conversion(metas: Mapping[str, TensorMeta], aliases: Iterable[Sequence[
     """The plan for converting a checkpoint listed by ``metas`` (with its alias groups) to ``dst``."""
     target_dtype = resolve_dtype(dtype)
     destination = destination_of(dst, max_shard_size)
-    remap = apply_remap(list(metas), rules)
-    if not remap.mapping:
-        raise RemapError("the rules drop every tensor", path=source, fix="check --drop/--keep globs")
+    remap = apply_remap(list(metas), rules).require_kept(source)
     aliases = list(aliases)
     removed = resolve_aliases(aliases, remap)
     tensors = plan_tensors(dict(metas), remap, removed, target_dtype)

@@ -313,22 +313,24 @@ def group_problems(problems: Sequence[Problem], limit: int = MAX_GROUPS) -> list
         buckets.setdefault((p.kind, p.fix), []).append(p)
     rows: list[list[object]] = []
     for (kind, fix), items in buckets.items():
-        details = {p.detail for p in items}
-        detail = items[0].detail if len(details) == 1 else f"{items[0].detail} (and {len(details) - 1} other details)"
-        for pattern, count in _collapse_keys([p.key for p in items]):
-            rows.append([kind, pattern, count, detail, fix or ""])
+        detail_of = {p.key: p.detail for p in items}
+        for pattern, members in _collapse_keys(list(detail_of)):
+            # each row's detail comes from its own keys: one row never shows another key's shapes
+            details = list(dict.fromkeys(detail_of[k] for k in members))
+            detail = details[0] if len(details) == 1 else f"{details[0]} (and {len(details) - 1} other details)"
+            rows.append([kind, pattern, len(members), detail, fix or ""])
     if len(rows) > limit:
         rest = rows[limit - 1:]
         rows = rows[:limit - 1] + [["...", f"{len(rest)} more groups", sum(r[2] for r in rest), "", ""]]
     return rows
 
 
-def _collapse_keys(keys: list[str], max_rows: int = 4) -> list[tuple[str, int]]:
-    """Collapse keys into as few patterns as possible (at most ``max_rows``), preferring the finest
-    level among equals: exact keys with numbered layers collapsed, whole modules
-    (``blocks.{1,3}.x.*``), numbered blocks (``blocks.{0..2}.xattn.*``), then module prefixes."""
-    exact = collapse(keys)
-    best = [(name, len(members)) for name, members in exact.items()]
+def _collapse_keys(keys: list[str], max_rows: int = 4) -> list[tuple[str, list[str]]]:
+    """Collapse keys into as few patterns as possible (at most ``max_rows``), each with the keys it
+    stands for, preferring the finest level among equals: exact keys with numbered layers collapsed,
+    whole modules (``blocks.{1,3}.x.*``), numbered blocks (``blocks.{0..2}.xattn.*``), then module
+    prefixes."""
+    best = list(collapse(keys).items())
     levels = [lambda k: module_prefix(k) or k, _template_prefix]
     levels += [lambda k, d=d: module_prefix(k, d) or k for d in range(max(len(k.split(".")) for k in keys), 0, -1)]
     for level in levels:
@@ -340,10 +342,10 @@ def _collapse_keys(keys: list[str], max_rows: int = 4) -> list[tuple[str, int]]:
         rows = []
         for name, members in collapse(by_prefix).items():
             inside = [k for m in members for k in by_prefix[m]]
-            rows.append((inside[0], 1) if len(inside) == 1 else (f"{name}.*", len(inside)))
+            rows.append((inside[0], inside) if len(inside) == 1 else (f"{name}.*", inside))
         if len(rows) < len(best):
             best = rows
-    return best if len(best) <= max_rows else [("*", len(keys))]
+    return best if len(best) <= max_rows else [("*", keys)]
 
 
 def _template_prefix(key: str) -> str:

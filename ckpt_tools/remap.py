@@ -160,6 +160,12 @@ class RemapResult:
     renamed_by_rule: set[str] = field(default_factory=set)
     dropped_as: dict[str, str] = field(default_factory=dict)
 
+    def require_kept(self, source: str | None) -> RemapResult:
+        """Refuse a result that keeps no tensor: writing an empty checkpoint is never what was meant."""
+        if not self.mapping:
+            raise RemapError("the rules drop every tensor", path=source, fix="check --drop/--keep globs")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "rules": [r.to_dict() for r in self.rules],
@@ -168,6 +174,60 @@ class RemapResult:
             "dropped": list(self.dropped),
             "unmatched_rules": [r.to_dict() for r in self.unmatched_rules],
         }
+
+
+def _moved_to(old: str, new: str) -> dict[str, str | None]:
+    """For every module above key ``old`` (``""``: the root), where it went in ``new``: under the new
+    path that precedes the key's unchanged path below it, else in place when the module's own path
+    is unchanged (a rename deeper down), else None."""
+    parts = old.split(".")
+    out: dict[str, str | None] = {}
+    for i in range(len(parts)):
+        module, rest = ".".join(parts[:i]), ".".join(parts[i:])
+        if new == rest or new.endswith("." + rest):
+            out[module] = new[:-len(rest) - 1] if new != rest else ""
+        else:
+            out[module] = module if not module or new.startswith(module + ".") else None
+    return out
+
+
+def remap_module_names(modules: Iterable[str], mapping: Mapping[str, str], dropped: Iterable[str]) -> dict[str, str]:
+    """Old module path -> new, for a state dict's ``_metadata`` (the module versions
+    ``load_state_dict`` reads), derived from how the keys below each module were renamed: a module
+    whose kept keys all moved under one new path goes there; one whose keys were all dropped, or
+    were renamed inside it, is left out; a module holding no key (an activation) follows its nearest
+    ancestor that moved. No two modules get one new name (the first keeps it)."""
+    targets: dict[str, set[str | None]] = {}
+    for old, new in mapping.items():
+        for module, target in _moved_to(old, new).items():
+            targets.setdefault(module, set()).add(target)
+    gone = {module for key in dropped for module in _moved_to(key, key)} - set(targets)
+    out: dict[str, str] = {}
+    for module in modules:
+        new = _module_target(module, targets, gone)
+        if new is not None and new not in out.values():
+            out[module] = new
+    return out
+
+
+def _module_target(module: str, targets: dict[str, set[str | None]], gone: set[str]) -> str | None:
+    if module in gone:
+        return None
+    own = targets.get(module)
+    if own is not None:
+        return next(iter(own)) if len(own) == 1 else None
+    parts = module.split(".")
+    for i in range(len(parts) - 1, -1, -1):  # the nearest ancestor that has keys decides
+        ancestor = ".".join(parts[:i])
+        if ancestor in gone:
+            return None
+        above = targets.get(ancestor)
+        if above is not None:
+            if len(above) != 1 or None in above:
+                return None
+            tail, base = ".".join(parts[i:]), next(iter(above))
+            return f"{base}.{tail}" if base else tail
+    return None
 
 
 def apply_remap(keys: Iterable[str], rules: Sequence[Rule] | None) -> RemapResult:

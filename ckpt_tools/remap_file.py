@@ -10,8 +10,9 @@ copied file to file, compared byte range against byte range), anything else with
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from .errors import IntegrityError, UsageError
 from .formats import open_checkpoint
 from .fs import AtomicFile, check_output_name, check_outputs, disk_full_as_error, ranges_equal
 from .inert import TensorRef
-from .remap import apply_remap, coerce_rules
+from .remap import RemapResult, apply_remap, coerce_rules, remap_module_names
 from .render import markdown_table, plural, rich_table
 from .safetensors_writer import FileRange
 from .torch_zip import TorchZipPlan, plan_torch_zip, write_torch_zip
@@ -125,10 +126,10 @@ def _remap_pickle(src, dst, rules, force, kind, files, options) -> RemapCheckpoi
     check_outputs([dst], files, force)
     with open_checkpoint(src, **options) as checkpoint:
         checkpoint.check_stored_sums()  # a damaged source is refused before anything is written
-        remap = apply_remap(checkpoint.keys(), rules)
+        remap = apply_remap(checkpoint.keys(), rules).require_kept(str(src))
         want = {new: (checkpoint.meta(old).shape, checkpoint.meta(old).dtype) for old, new in remap.mapping.items()}
         wrapper = checkpoint.wrapper
-        plan = _plan_without_torch(checkpoint, kind, remap.mapping, wrapper)
+        plan = _plan_without_torch(checkpoint, kind, remap, wrapper)
         need = plan.nbytes if plan is not None else sum(checkpoint.meta(old).nbytes for old in remap.mapping)
         with disk_full_as_error(dst, need), AtomicFile(dst) as handle:
             if plan is not None:
@@ -136,7 +137,7 @@ def _remap_pickle(src, dst, rules, force, kind, files, options) -> RemapCheckpoi
                 _verify_copied(checkpoint, handle.path, remap.mapping, want, options, wrapper, plan, starts,
                                shown=str(dst))
             else:
-                _save_with_torch(checkpoint, handle.path, remap.mapping, wrapper, kind)
+                _save_with_torch(checkpoint, handle.path, remap, wrapper, kind)
                 _verify_remapped(checkpoint, handle.path, remap.mapping, want, options, wrapper, shown=str(dst))
             # checked while still a temporary file: a mismatch leaves nothing under dst
             handle.commit()
@@ -146,24 +147,24 @@ def _remap_pickle(src, dst, rules, force, kind, files, options) -> RemapCheckpoi
         rules=[r.to_dict() for r in rules or []], bytes_written=dst.stat().st_size, verified=True)
 
 
-def _plan_without_torch(checkpoint, kind: str, mapping: dict[str, str], wrapper: str | None) -> TorchZipPlan | None:
+def _plan_without_torch(checkpoint, kind: str, remap: RemapResult, wrapper: str | None) -> TorchZipPlan | None:
     """A torch zip whose pickle holds nothing but containers, plain values and tensors is rewritten
     without torch: the same pickle torch.save would write, storages copied file to file. None when
     torch must write it (a legacy file, a device or tensor subclass in the pickle, ...)."""
     root = checkpoint.inert_root()  # objects that were not executed are refused here, as with torch
     if kind != "torch-zip":
         return None
-    state = {new: replace(checkpoint.tensor_ref(old), parameter=False) for old, new in mapping.items()}
-    root = _replace_state(root, wrapper, state, lambda value: isinstance(value, TensorRef))
+    state = {new: checkpoint.tensor_ref(old) for old, new in remap.mapping.items()}
+    root = _replace_state(root, wrapper, state, lambda value: isinstance(value, TensorRef), remap)
     return plan_torch_zip(root, checkpoint.files[0], checkpoint.storage_range)
 
 
-def _save_with_torch(checkpoint, path: str, mapping: dict[str, str], wrapper: str | None, kind: str) -> None:
+def _save_with_torch(checkpoint, path: str, remap: RemapResult, wrapper: str | None, kind: str) -> None:
     import torch
 
     root = checkpoint.pickled_root()  # wrapper and extras are written back as they were
-    state = {new: checkpoint.tensor(old) for old, new in mapping.items()}
-    root = _replace_state(root, wrapper, state, _is_tensor)
+    state = {new: _as_saved(checkpoint, old) for old, new in remap.mapping.items()}
+    root = _replace_state(root, wrapper, state, _is_tensor, remap)
     with open(path, "wb") as stream:
         torch.save(root, stream, _use_new_zipfile_serialization=(kind == "torch-zip"))
 
@@ -234,15 +235,31 @@ def _raw_bytes(tensor):
     return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
-def _replace_state(root, wrapper: str | None, state: dict, is_tensor: Callable[[object], bool]):
-    """A shallow copy of ``root`` with the state dict at ``wrapper`` replaced (extras kept in place)."""
+def _replace_state(root, wrapper: str | None, state: dict, is_tensor: Callable[[object], bool], remap: RemapResult):
+    """A shallow copy of ``root`` with the state dict at ``wrapper`` replaced (extras kept in place),
+    each container keeping its type; a state dict's ``_metadata`` (module versions, which
+    ``load_state_dict`` reads) follows the renamed modules."""
+    copy = OrderedDict() if isinstance(root, OrderedDict) else {}
     if not wrapper:
-        extras = {k: v for k, v in root.items() if not is_tensor(v)}
-        return {**state, **extras}
+        copy.update(state)
+        copy.update((k, v) for k, v in root.items() if not is_tensor(v))
+        metadata = getattr(root, "_metadata", None)
+        if isinstance(metadata, dict):
+            names = remap_module_names(metadata, remap.mapping, remap.dropped)
+            copy._metadata = type(metadata)((names[m], v) for m, v in metadata.items() if m in names)
+        return copy
     head, _, rest = wrapper.partition(".")
-    copy = dict(root)
-    copy[head] = _replace_state(root[head], rest or None, state, is_tensor)
+    copy.update(root)
+    copy[head] = _replace_state(root[head], rest or None, state, is_tensor, remap)
     return copy
+
+
+def _as_saved(checkpoint, key: str):
+    """The tensor as the source pickled it: a parameter stays a parameter."""
+    import torch
+
+    tensor = checkpoint.tensor(key)
+    return torch.nn.Parameter(tensor, requires_grad=False) if checkpoint.tensor_ref(key).parameter else tensor
 
 
 def _is_tensor(value) -> bool:

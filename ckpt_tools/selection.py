@@ -396,7 +396,8 @@ def _leaf_entry(walk: _Walk, text: str):
 
 def _explicit(walk: _Walk, select: str, source: str) -> _Candidate:
     text = "" if select in ("", TOP) else select
-    available = ", ".join(c.text or TOP for c in walk.candidates) or "none"
+    found = [c.text or f"{TOP} (the top level)" for c in walk.candidates]
+    available = ", ".join(found) if found else "none in this file; `ckpt inspect` lists what it holds"
     path = walk.by_text.get(text)
     if path is None:
         leaf = _leaf_entry(walk, text)

@@ -162,6 +162,8 @@ class _Converter:
                 if not _plain(key):
                     raise _NeedsTorch("key")
                 out[key] = self.convert(item, depth + 1)
+            if isinstance(out, OrderedDict) and hasattr(value, "_metadata"):  # a state dict's module versions
+                out._metadata = self.convert(value._metadata, depth + 1)
             return out
         if type(value) is list:
             out = []

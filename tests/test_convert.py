@@ -700,6 +700,14 @@ def test_remap_without_torch_verification_catches_a_wrong_listing(tmp_path, monk
     assert os.listdir(tmp_path) == ["w.pt"]
 
 
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_remap_of_a_pickle_that_drops_every_tensor_says_so(tmp_path, zip_format):
+    torch.save({"w": torch.ones(2)}, tmp_path / "w.pt", _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(RemapError, match="the rules drop every tensor"):
+        remap_checkpoint(tmp_path / "w.pt", tmp_path / "o.pt", rules=[{"drop": "*"}])
+    assert os.listdir(tmp_path) == ["w.pt"]
+
+
 def test_remap_of_a_sharded_bin_points_to_convert(tmp_path):
     src = write_format("sharded-bin", sample_state(), tmp_path / "src")
     with pytest.raises(UsageError, match="ckpt convert"):

@@ -297,6 +297,19 @@ def test_thousands_of_problems_render_in_a_few_lines():
     assert [r.module for r in report.coverage] == ["layers.*"]
 
 
+def test_each_problem_row_shows_the_detail_of_its_own_keys():
+    # shape mismatches share a fix but not their shapes: conv1's shapes must not label the fc row
+    model = torch.nn.Module()
+    model.conv1 = torch.nn.Conv2d(3, 4, 7, bias=False)
+    model.fc = torch.nn.Linear(4, 10)
+    state = {"conv1.weight": TensorMeta.of("conv1.weight", (4, 3, 3, 3), "F32"),
+             "fc.weight": TensorMeta.of("fc.weight", (1000, 4), "F32"),
+             "fc.bias": TensorMeta.of("fc.bias", (1000,), "F32")}
+    rows = {row[1]: row[3] for row in group_problems(diff_keys(state, model).problems)}
+    assert rows["conv1.weight"] == "checkpoint [4, 3, 3, 3], model [4, 3, 7, 7]: excluded from the load"
+    assert rows["fc.*"].startswith("checkpoint [1000")
+
+
 def test_table_rendering_fits_a_terminal(capsys):
     from ckpt_tools.render import render
 

@@ -14,6 +14,7 @@ from ckpt_tools.remap import (
     available_remaps,
     parse_rename,
     preset_rules,
+    remap_module_names,
     rules_from_cli,
     rules_from_dicts,
     rules_to_json,
@@ -242,3 +243,19 @@ def test_a_rule_that_is_not_a_rule_is_named(tmp_path):
     with pytest.raises(RemapError) as bad:
         remap_checkpoint(tmp_path / "in.safetensors", tmp_path / "out.safetensors", rules=[("drop", "x")])
     assert "('drop', 'x')" in str(bad.value)
+
+
+@pytest.mark.parametrize(("modules", "mapping", "dropped", "want"), [
+    # DDP's wrapper stripped: the model's modules move up, the root keeps its name
+    (["", "module", "module.0", "module.act"], {"module.0.w": "0.w"}, [],
+     {"": "", "module.0": "0", "module.act": "act"}),
+    # a prefix added: every module moves under it, one holding no key (an activation) too
+    (["", "0", "act"], {"0.w": "x.0.w"}, [], {"": "x", "0": "x.0", "act": "x.act"}),
+    # a rename deeper down: modules above it stay, the renamed ones follow
+    (["", "a", "a.layers", "a.layers.0"], {"a.layers.0.w": "a.blocks.0.w"}, [],
+     {"": "", "a": "a", "a.layers": "a.blocks", "a.layers.0": "a.blocks.0"}),
+    # a module whose keys were all dropped goes, with what is below it
+    (["", "a", "a.act", "b"], {"b.w": "b.w"}, ["a.w"], {"": "", "b": "b"}),
+])
+def test_module_names_follow_their_keys(modules, mapping, dropped, want):
+    assert remap_module_names(modules, mapping, dropped) == want

@@ -221,6 +221,12 @@ def test_select_errors_name_what_is_there(path, message):
     assert message in str(info.value)
 
 
+def test_a_wrong_select_on_a_flat_file_names_the_top_level_in_words():
+    with pytest.raises(UsageError) as info:
+        select({"w": T((2,)), "b": T((2,))}, select="foo")
+    assert str(info.value).endswith("fix: choose one of the state dicts found: . (the top level)")
+
+
 # -- nothing to choose ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("root", "message"), [

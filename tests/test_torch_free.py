@@ -183,6 +183,34 @@ def test_a_remapped_pt_holds_the_pickle_torch_save_writes(tmp_path, monkeypatch)
     assert data_pkl(tmp_path / "fast.pt") == data_pkl(tmp_path / "slow.pt")
 
 
+def module_state() -> dict:
+    """A module's own state dict: an OrderedDict whose ``_metadata`` holds each module's version."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)).state_dict()
+
+
+def test_a_remapped_state_dict_keeps_its_module_versions_under_the_new_names(tmp_path):
+    torch.save(module_state(), tmp_path / "s.pt")
+    remap_checkpoint(tmp_path / "s.pt", tmp_path / "o.pt", rules=rules_from_cli(add_prefix=("m.",)))
+    written = torch.load(tmp_path / "o.pt", weights_only=True)
+    assert written._metadata == {"m": {"version": 1}, "m.0": {"version": 1}, "m.1": {"version": 2}}
+
+
+@pytest.mark.parametrize("state", [module_state, lambda: {"w": torch.nn.Parameter(torch.ones(2))}],
+                         ids=["state-dict-metadata", "parameter"])
+def test_a_remapped_pt_keeps_what_torch_save_would_keep(tmp_path, monkeypatch, state):
+    torch.save(state(), tmp_path / "s.pt")
+    remap_checkpoint(tmp_path / "s.pt", tmp_path / "fast.pt", rules=rules_from_cli(add_prefix=("m.",)))
+    remapped_with_torch(tmp_path / "s.pt", tmp_path / "slow.pt", monkeypatch, add_prefix=("m.",))
+    assert data_pkl(tmp_path / "fast.pt") == data_pkl(tmp_path / "slow.pt")
+
+
+def test_a_remapped_parameter_stays_a_parameter(tmp_path):
+    torch.save({"w": torch.nn.Parameter(torch.ones(2))}, tmp_path / "s.pt")
+    remap_checkpoint(tmp_path / "s.pt", tmp_path / "o.pt", rules=rules_from_cli(add_prefix=("m.",)))
+    assert type(torch.load(tmp_path / "o.pt", weights_only=True)["m.w"]) is torch.nn.Parameter
+
+
 def test_a_remapped_pt_keeps_its_archive_and_records_and_only_the_storages_it_needs(tmp_path):
     torch.save(small_state(), tmp_path / "s.pt")
     remap_checkpoint(tmp_path / "s.pt", tmp_path / "o.pt", rules=rules_from_cli(drop=("a.half",)))

@@ -170,6 +170,8 @@ def _materialised(root, storages: MappedStorages, source: str):
             out = OrderedDict() if isinstance(value, OrderedDict) else {}
             done[id(value)] = out
             out.update((k, convert(v, depth + 1)) for k, v in value.items())
+            if isinstance(out, OrderedDict) and hasattr(value, "_metadata"):  # a state dict's module versions
+                out._metadata = convert(value._metadata, depth + 1)
             return out
         if isinstance(value, list):
             out = []
