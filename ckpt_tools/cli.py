@@ -28,7 +28,7 @@ from .html import render_html
 from .inspect import inspect_checkpoint
 from .remap import rules_from_cli
 from .remap_file import remap_checkpoint
-from .render import FORMATS, render
+from .render import FORMATS, plural, render
 from .scan import scan_pickle
 from .targets import TargetOptions, target_from_options
 from .validation import validate as run_validate
@@ -105,7 +105,8 @@ def write_inferred_rules(report, path: str) -> None:
         click.echo(f"no remap rule was inferred: {path} not written", err=True)
         return
     atomic_write(Path(path), report.inference.to_toml().encode("utf-8"))
-    click.echo(f"wrote {len(report.inference.rules)} inferred rules to {path} (use them with --rules {path})", err=True)
+    click.echo(f"wrote {plural(len(report.inference.rules), 'inferred rule')} to {path} (use them with --rules {path})",
+               err=True)
 
 
 def rules_from_options(kwargs: dict):

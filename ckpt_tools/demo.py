@@ -186,6 +186,21 @@ def _relative_paths(kwargs: dict[str, Any], folder: Path) -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def _loopback_allowed() -> Iterator[bool]:
+    """With HF_HUB_OFFLINE set, huggingface_hub refuses every request, the demo's own mirror on
+    127.0.0.1 included. The demo reaches nothing else, so it lifts the flag for its run and puts it
+    back; yields whether it was set."""
+    from huggingface_hub import constants
+
+    was = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = False
+    try:
+        yield was
+    finally:
+        constants.HF_HUB_OFFLINE = was
+
+
 def run_demo(*, preset: str = DEFAULT_PRESET, keep: str | Path | None = None, seed: int = 0,
              progress: Callable[[DemoStep], None] | None = None) -> DemoReport:
     """Build, publish, serve, validate (pin, remote diff, download, convert, load), generate."""
@@ -206,8 +221,9 @@ def run_demo(*, preset: str = DEFAULT_PRESET, keep: str | Path | None = None, se
             commit = publish(work / "hub", kit.repo_id, {kit.filename: work / "build" / kit.filename})
             note["detail"] = f"{kit.repo_id}@{commit[:7]} and {kit.lm_repo_id}@{lm_commit[:7]} in a local hub folder"
         cache = work / "cache"
-        with served(work / "hub") as endpoint:
-            report.steps.append(DemoStep("serve", f"`ckpt serve` answering at {endpoint}", 0.0))
+        with served(work / "hub") as endpoint, _loopback_allowed() as lifted:
+            lifted = " (HF_HUB_OFFLINE lifted for this mirror only)" if lifted else ""
+            report.steps.append(DemoStep("serve", f"`ckpt serve` answering at {endpoint}{lifted}", 0.0))
             with steps.step("fetch LM") as note:
                 lm = download(kit.lm_repo_id, revision="main", cache_dir=cache, endpoint=endpoint)
                 note["detail"] = (f"{kit.lm_repo_id} pinned to {lm.commit[:7]}: {plural(len(lm.files), 'file')}, "

@@ -769,6 +769,30 @@ def _layer_template(name: str) -> tuple[str, int] | None:
     return None
 
 
+def _whole_blocks(mismatched: dict[str, tuple[set[int], set[int]]],
+                  ck_layers: dict[str, set[int]]) -> dict[str, tuple[set[int], set[int]]]:
+    """Merge the sub-modules of one numbered block into one hint (``layer1.{}``) when all that differ
+    differ alike and the others sit within those layers (a downsampling in block 0 only): a
+    shallower network, not a sub-module left out."""
+    by_block: dict[str, list[str]] = {}
+    for template in ck_layers:
+        by_block.setdefault(template.split("{}")[0] + "{}", []).append(template)
+    out: dict[str, tuple[set[int], set[int]]] = {}
+    for template, sets in mismatched.items():
+        block = template.split("{}")[0] + "{}"
+        members = by_block[block]
+        differing = [m for m in members if m in mismatched]
+        whole = (len(differing) > 1 and all(mismatched[m] == sets for m in differing)
+                 and all(ck_layers[m] <= sets[0] for m in members))
+        out[block if whole else template] = sets
+    return out
+
+
+def _in_template(name_template: str, template: str) -> bool:
+    """A key's template belongs to a hint's: the same, or inside a whole block (``layer1.{}``)."""
+    return name_template == template or (template.endswith("{}") and name_template.startswith(template + "."))
+
+
 def _describe_layers(numbers: set[int]) -> str:
     values = sorted(numbers)
     text = format_numbers(values)
@@ -794,12 +818,11 @@ def _layer_hints(entries: list[Entry], unexpected: list[str], ck: Mapping[str, T
         t = _layer_template(name)
         if t:
             model_layers.setdefault(t[0], set()).add(t[1])
+    mismatched = {template: (ck_set, model_layers.get(template)) for template, ck_set in ck_layers.items()
+                  if model_layers.get(template) and model_layers[template] != ck_set and template in templates}
     out = []
-    for template, ck_set in ck_layers.items():
-        model_set = model_layers.get(template)
-        if not model_set or model_set == ck_set or template not in templates:
-            continue
-        keys = [n for n in list(ck) + sorted(involved) if (_layer_template(n) or ("",))[0] == template]
+    for template, (ck_set, model_set) in _whole_blocks(mismatched, ck_layers).items():
+        keys = [n for n in list(ck) + sorted(involved) if _in_template((_layer_template(n) or ("",))[0], template)]
         module = template.replace("{}", "N")  # blocks.N.xattn: N is the layer number
         detail = (f"the checkpoint has {module} at layers {_describe_layers(ck_set)}; "
                   f"the {target_noun(target)} at {_describe_layers(model_set)}")

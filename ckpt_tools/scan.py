@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import CheckpointNotFoundError, InvalidCheckpointError
+from .formats import empty_file_error
 from .formats.dcp import METADATA_GLOBALS, pickled_chunks, read_metadata
 from .formats.ranges import FileWindow
 from .formats.safetensors import SafetensorsCheckpoint
@@ -104,6 +105,8 @@ def _scan_one(resolved: Source) -> ScanReport:
         return _scan_numpy(resolved)
     if resolved.format == "unknown" and _old_pickle(resolved):
         resolved.format = "pickle"
+    if resolved.size == 0:
+        raise empty_file_error(resolved.given)
     if resolved.format not in ("zip", "pickle", "torch-legacy"):
         raise InvalidCheckpointError("not a pickle, a torch zip archive, a NumPy file or a safetensors file",
                                      path=resolved.given, fix=BAD_FILE)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint
-from .errors import UsageError
+from .errors import CheckpointNotFoundError, UsageError
 from .formats import open_checkpoint
 from .libraries import (
     CONFIG_NAME,
@@ -278,7 +278,12 @@ def target_side(spec: TargetSpec) -> Side:
     if spec.kind == "preset":
         return preset_side(_preset(spec.name))
     if spec.kind == "checkpoint":
-        side, ckpt = open_side(spec.given, endpoint=spec.options.endpoint, token=spec.options.token)
+        try:
+            side, ckpt = open_side(spec.given, endpoint=spec.options.endpoint, token=spec.options.token)
+        except CheckpointNotFoundError as exc:
+            if spec.path is not None and spec.path.is_dir():  # the folder may have been meant as a model
+                exc.fix = f"{exc.fix}; a transformers model folder holds {CONFIG_NAME}"
+            raise
         ckpt.close()
         return side
     if spec.kind == "model-config":

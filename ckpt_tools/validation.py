@@ -318,13 +318,15 @@ def _validate_local(local, given: str, make_listing: Callable[[], Side], make_mo
     if convert is not None and not keys.ok and not force:
         report.stopped = "the key check failed: not converted (pass --force to convert anyway)"
     elif convert is not None:
-        rules = coerce_rules(options["remap"]) + (list(keys.inference.rules) if keys.auto_remapped else [])
+        inferred = list(keys.inference.rules) if keys.auto_remapped else []
+        rules = coerce_rules(options["remap"]) + inferred
         try:
             report.conversion = convert_to_safetensors(local, convert, rules=rules, force=overwrite, **reading)
         except OutputExistsError as exc:
             if exc.fix and "--force" in exc.fix:  # validate's --force means something else
                 exc.fix = exc.fix.replace("--force", "--overwrite (overwrite=True)")
             raise
+        report.conversion.inferred_rules = [rule.to_dict() for rule in inferred]  # as `ckpt convert --auto-remap` says
         reading = {}  # the converted file is one state dict
         # it has the remapped names already: only the target's own (preset) rules still apply
         options = {**options, "remap": None, "auto_remap": False}

@@ -169,6 +169,22 @@ def test_known_rename_embed_out_to_lm_head():
                      remap=[{"rename": [regex, repl]}]).verdict == "ok"
 
 
+def test_a_shallower_network_gives_one_layer_hint_per_numbered_block():
+    def stage(depth):
+        model = torch.nn.Module()
+        model.layer = torch.nn.ModuleList(torch.nn.Sequential() for _ in range(depth))
+        for i, block in enumerate(model.layer):
+            block.conv = torch.nn.Linear(2, 2, bias=False)
+            block.bn = torch.nn.LayerNorm(2)
+            if i == 0:
+                block.down = torch.nn.Linear(2, 2, bias=False)  # block 0 only, on both sides
+        return model
+
+    report = diff_keys(metas(stage(2).state_dict()), stage(3))
+    (hint,) = [h for h in report.hints if h["kind"] == "layers"]
+    assert hint["detail"] == "the checkpoint has layer.N at layers 0,1; the model at 0..2"
+
+
 def test_wrong_cross_attention_interval_gives_a_layer_hint():
     checkpoint = metas(trained_state(build_tiny(every=1)))  # xattn at 0..3
     report = diff_keys(checkpoint, build_tiny(every=2))  # xattn at 1, 3

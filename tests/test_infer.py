@@ -499,7 +499,7 @@ def test_auto_remap_applies_the_inferred_rules_and_says_so(renamed_flamingo, run
 def test_written_rules_make_the_checkpoint_fit_in_every_command(renamed_flamingo, run_cli, tmp_path):
     rules = tmp_path / "fix.toml"
     written = run_cli("diff", renamed_flamingo, "--model", "openflamingo-tiny", "--write-rules", rules)
-    assert f"wrote 1 inferred rules to {rules}" in written.stderr
+    assert f"wrote 1 inferred rule to {rules}" in written.stderr
     assert run_cli("diff", renamed_flamingo, "--model", "openflamingo-tiny", "--rules", rules).exit_code == 0
     converted = run_cli("convert", renamed_flamingo, tmp_path / "fit.safetensors", "--rules", rules)
     assert converted.exit_code == 0, converted.stderr
@@ -511,6 +511,15 @@ def test_convert_with_auto_remap_names_the_rules_it_applied(renamed_flamingo, ru
                      "--model", "openflamingo-tiny", "--format", "json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["inferred_rules"] == [{"rename": ["^perceiver\\.blocks\\.", "perceiver.layers."]}]
+
+
+def test_validate_with_auto_remap_and_convert_names_the_rules_the_conversion_applied(renamed_flamingo, run_cli,
+                                                                                      tmp_path):
+    result = run_cli("validate", renamed_flamingo, "--model", "openflamingo-tiny", "--auto-remap",
+                     "--convert", tmp_path / "auto.safetensors", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["conversion"]["inferred_rules"] == [
+        {"rename": ["^perceiver\\.blocks\\.", "perceiver.layers."]}]
 
 
 def test_load_checkpoint_with_auto_remap_lands_every_tensor(renamed_flamingo):

@@ -440,3 +440,9 @@ def test_a_safetensors_scan_prints_no_empty_table(tmp_path, run_cli):
     result = run_cli("scan", tmp_path / "a.safetensors")
     assert result.exit_code == 0
     assert "global" not in result.stdout
+
+
+def test_an_empty_file_is_called_empty_as_every_command_does(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(InvalidCheckpointError, match="the file is empty"):
+        scan_pickle(tmp_path / "empty.pt")

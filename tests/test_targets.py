@@ -309,3 +309,11 @@ def test_model_config_beside_a_non_preset_model_is_refused(tmp_path):
     folder = write_config(tmp_path / "neox", NEOX)
     with pytest.raises(UsageError, match="--model names the preset"):
         validate(tmp_path / "x.pt", model=folder, model_config=tmp_path / "flamingo.json", load=True)
+
+
+def test_a_folder_without_config_json_as_a_model_says_what_a_model_folder_holds(tmp_path, run_cli):
+    (tmp_path / "model").mkdir()
+    save_file({"w": torch.ones(2)}, str(tmp_path / "w.safetensors"))
+    result = run_cli("diff", tmp_path / "w.safetensors", "--model", tmp_path / "model")
+    assert result.exit_code == 2
+    assert "a transformers model folder holds config.json" in result.stderr

@@ -91,7 +91,8 @@ def test_cli_exit_codes_for_hub_validation(published, tmp_path, run_cli):
 
 
 def test_demo_runs_end_to_end_offline_and_cleans_up(tmp_path):
-    env = dict(os.environ, TMPDIR=str(tmp_path))
+    # HF_HUB_OFFLINE=1, the usual offline setting, must not stop the demo: it reaches only its own mirror
+    env = dict(os.environ, TMPDIR=str(tmp_path), HF_HUB_OFFLINE="1")
     kept = tmp_path / "kept"
     out = subprocess.run([sys.executable, "-m", "ckpt_tools", "demo", "--format", "json", "--keep", str(kept)],
                          capture_output=True, text=True, env=env, timeout=300)
@@ -99,6 +100,7 @@ def test_demo_runs_end_to_end_offline_and_cleans_up(tmp_path):
     data = json.loads(out.stdout)
     assert data["verdict"] == "ok"
     assert [s["name"] for s in data["steps"]] == ["make", "publish", "serve", "fetch LM", "validate", "generate"]
+    assert data["steps"][2]["detail"].endswith("(HF_HUB_OFFLINE lifted for this mirror only)")
     assert data["validation"]["load"]["verified"] is True
     assert data["validation"]["provenance"]["random_params"] == 0
     assert data["validation"]["remote"]["bytes_fetched"] < data["validation"]["download"]["files"][0]["size"]

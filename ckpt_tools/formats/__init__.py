@@ -128,11 +128,16 @@ def _remote_bookkeeping(checkpoint: Checkpoint, resolved: Source) -> None:
         checkpoint.bytes_read = sum(part.bytes_read or 0 for part in checkpoint.shards.values())
 
 
+def empty_file_error(where: str) -> InvalidCheckpointError:
+    """What every command says of a file of zero bytes."""
+    return InvalidCheckpointError("the file is empty", path=where,
+                                  fix="the download or save was interrupted: fetch or save it again")
+
+
 def _unrecognised(resolved: Source) -> Exception:
     head, where = resolved.head, resolved.given
     if not resolved.size:
-        return InvalidCheckpointError("the file is empty", path=where,
-                                      fix="the download or save was interrupted: fetch or save it again")
+        return empty_file_error(where)
     if resolved.format == "pickle":
         return UnsupportedFormatError("a plain pickle, not a torch checkpoint", path=where,
                                       fix="run `ckpt scan` on it; re-save the tensors with torch.save or safetensors")
