@@ -24,6 +24,7 @@ from .inert import TensorRef
 from .remap import RemapResult, apply_remap, coerce_rules, remap_module_names
 from .render import markdown_table, plural, rich_table
 from .safetensors_writer import FileRange
+from .selection import NESTED
 from .torch_zip import TorchZipPlan, plan_torch_zip, write_torch_zip
 
 
@@ -125,6 +126,10 @@ def _remap_pickle(src, dst, rules, force, kind, files, options) -> RemapCheckpoi
     check_output_name(dst, "torch pickle", otherwise="; to get safetensors, use `ckpt convert` (it remaps too)")
     check_outputs([dst], files, force)
     with open_checkpoint(src, **options) as checkpoint:
+        if getattr(getattr(checkpoint, "selection", None), "kind", None) == NESTED:
+            raise UsageError(f"--select {checkpoint.wrapper} takes nested state dicts as one, which remap cannot "
+                             "write back in their place", path=str(src),
+                             fix="use `ckpt convert` (it remaps too), or --select one of them")
         checkpoint.check_stored_sums()  # a damaged source is refused before anything is written
         remap = apply_remap(checkpoint.keys(), rules).require_kept(str(src))
         want = {new: (checkpoint.meta(old).shape, checkpoint.meta(old).dtype) for old, new in remap.mapping.items()}

@@ -19,7 +19,10 @@ whose only tensors are scalars sitting beside other entries (``step``, ``best_va
 The choice: candidates whose keys look like parameter names (strings without whitespace) rank
 first, then the most tensor bytes. The wrapper priority (``priority``, e.g. ``state_dict`` before
 ``state_dict_ema``, ``model`` before ``model_ema``) only breaks ties between comparable candidates:
-the same number of tensors with the same shapes. ``select="dotted.path"`` overrides the choice.
+the same number of tensors with the same shapes. ``select="dotted.path"`` overrides the choice;
+it may name a mapping of state dicts (``{"encoder": sd, "decoder": sd}``, string keys all the way
+down to tensors), taken as one state dict with dotted names (``encoder.layer.weight``). A choice by
+content never merges them: it names the parent in a note instead.
 
 Leaves are recognised by a marker, so this module needs neither torch nor the unpickler:
 ``ckpt_leaf == "tensor"`` (``shape``, ``dtype``, ``nbytes``, ``identity()``), ``"inert"`` (an
@@ -45,6 +48,7 @@ _PARAM_NAME = re.compile(r"\S+")
 _OPTIMIZER_KEY = re.compile(r"(^|_)optim(izer)?s?($|_)", re.IGNORECASE)
 _MODULE_FIELDS = ("_parameters", "_buffers", "_modules")
 _PLAIN_TYPES = (str, bytes, int, float, bool, type(None), dict, list, tuple, set, frozenset)
+NESTED = "nested state dicts"  # the kind of a selection that flattens a mapping of state dicts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,6 +386,47 @@ def _choose(candidates: list[_Candidate], priority: Sequence[str]) -> _Candidate
 _ABSENT = object()
 
 
+def flattened(value, prefix: str = "", depth: int = 0) -> dict[str, object] | None:
+    """A mapping of state dicts as one state dict with dotted names; None unless every key down to
+    the tensors is a string and every leaf is a tensor."""
+    if not isinstance(value, Mapping) or depth > MAX_DEPTH:
+        return None
+    out: dict[str, object] = {}
+    for key, child in value.items():
+        if not isinstance(key, str):
+            return None
+        name = f"{prefix}{key}"
+        if is_tensor(child):
+            out[name] = child
+            continue
+        inner = flattened(child, name + ".", depth + 1)
+        if not inner:
+            return None
+        out.update(inner)
+    return out
+
+
+def _merged_into(candidate: _Candidate, chosen: _Candidate) -> bool:
+    """A state dict inside a flattened selection is part of it, not an alternative."""
+    return chosen.kind == NESTED and candidate.path[:len(chosen.path)] == chosen.path
+
+
+def _together_note(walk: _Walk, chosen: _Candidate) -> list[str]:
+    """When the chosen state dict has siblings that are state dicts too (``model.encoder`` beside
+    ``model.decoder``), say how to take them together."""
+    if chosen.kind == NESTED or len(chosen.path) < 2:
+        return []
+    parent = chosen.path[:-1]
+    siblings = [c for c in walk.candidates if c.path[:-1] == parent and c.path != chosen.path]
+    flat = flattened(walk.containers.get(parent))
+    if not siblings or not flat:
+        return []
+    text = ".".join(parent)
+    entries = ", ".join(f"{key}.*" for key in walk.containers[parent])
+    return [f"{text} holds {plural(len(siblings) + 1, 'state dict')}; --select {text} takes them together as one "
+            f"({plural(len(flat), 'tensor')}: {entries})"]
+
+
 def _leaf_entry(walk: _Walk, text: str):
     """The value a dotted path names when it is not a container (an int, a tensor), else _ABSENT."""
     for parent, path in walk.by_text.items():  # a key may hold dots itself ("layer.0.weight")
@@ -415,6 +460,9 @@ def _explicit(walk: _Walk, select: str, source: str) -> _Candidate:
             return _Candidate(path, "module", state, True, -1)
     tensors = [(k, v) for k, v in _named_entries(value) if is_tensor(v)]
     if not tensors:
+        flat = flattened(value)
+        if flat:
+            return _Candidate(path, NESTED, flat, True, -1)
         deeper = list(dict.fromkeys(".".join(p[:len(path) + 1]) for p, _, _ in walk.tensors
                                     if p[:len(path)] == path and len(p) > len(path) + 1))
         if deeper:
@@ -468,10 +516,11 @@ def select_state_dict(root, *, select: str | None = None, priority: Sequence[str
         chosen = _choose(walk.candidates, priority)
     else:
         raise _nothing_found(root, walk, source, priority)
-    others = sorted((c for c in walk.candidates if c.path != chosen.path), key=_rank)
+    others = sorted((c for c in walk.candidates if c.path != chosen.path and not _merged_into(c, chosen)),
+                    key=_rank)
     selection = Selection(chosen.text, chosen.kind, dict(chosen.state),
                           alternatives=[Alternative(c.text, c.kind, len(c.state), c.nbytes) for c in others],
-                          not_executed=walk.not_executed, notes=list(walk.notes))
+                          not_executed=walk.not_executed, notes=list(walk.notes) + _together_note(walk, chosen))
     _fill_extras(selection, walk, chosen)
     selection.accounting = _account(walk, chosen, others, explicit=select is not None)
     return selection
@@ -485,7 +534,7 @@ def _fill_extras(selection: Selection, walk: _Walk, chosen: _Candidate) -> None:
             continue
         here = chosen.path[:depth]
         inside = depth == len(chosen.path)
-        if inside and chosen.kind == "module":
+        if inside and chosen.kind in ("module", NESTED):
             break
         for key, value in _entries(node) or []:
             name = ".".join(here + (str(key),))

@@ -13,7 +13,7 @@ import zipfile
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ckpt_tools.convert import convert_to_safetensors
 from ckpt_tools.convert_plan import Planned, parse_size, plan_shards
@@ -706,6 +706,15 @@ def test_remap_of_a_pickle_that_drops_every_tensor_says_so(tmp_path, zip_format)
     with pytest.raises(RemapError, match="the rules drop every tensor"):
         remap_checkpoint(tmp_path / "w.pt", tmp_path / "o.pt", rules=[{"drop": "*"}])
     assert os.listdir(tmp_path) == ["w.pt"]
+
+
+def test_nested_state_dicts_convert_together_and_remap_refuses_to_take_them_apart(tmp_path):
+    state = {"encoder": {"w": torch.ones(2)}, "decoder": {"w": torch.zeros(3)}}
+    torch.save({"model": state, "epoch": 3}, tmp_path / "n.pt")
+    convert_to_safetensors(tmp_path / "n.pt", tmp_path / "n.safetensors", select="model")
+    assert_same(load_file(tmp_path / "n.safetensors"), {"encoder.w": torch.ones(2), "decoder.w": torch.zeros(3)})
+    with pytest.raises(UsageError, match="remap cannot write back"):
+        remap_checkpoint(tmp_path / "n.pt", tmp_path / "o.pt", rules=None, select="model")
 
 
 def test_remap_of_a_sharded_bin_points_to_convert(tmp_path):

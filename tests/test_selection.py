@@ -227,6 +227,28 @@ def test_a_wrong_select_on_a_flat_file_names_the_top_level_in_words():
     assert str(info.value).endswith("fix: choose one of the state dicts found: . (the top level)")
 
 
+def nested_root() -> dict:
+    return {"model": {"encoder": weights((2, 2)), "decoder": weights((2, 2), (3,))}, "epoch": 3}
+
+
+def test_select_of_a_mapping_of_state_dicts_takes_them_as_one_with_dotted_names():
+    chosen = select(nested_root(), select="model")
+    assert list(chosen.state) == ["encoder.layer.0.weight", "decoder.layer.0.weight", "decoder.layer.1.weight"]
+
+
+def test_state_dicts_taken_together_are_neither_alternatives_nor_extras():
+    chosen = select(nested_root(), select="model")
+    assert (chosen.alternatives, list(chosen.extras)) == ([], ["epoch"])
+    assert buckets(chosen) == [("selected", "model", 3, 44)]
+
+
+def test_a_choice_by_content_names_the_parent_that_takes_siblings_together():
+    chosen = select(nested_root())
+    assert chosen.path == "model.decoder"
+    assert chosen.notes == ["model holds 2 state dicts; --select model takes them together as one "
+                            "(3 tensors: encoder.*, decoder.*)"]
+
+
 # -- nothing to choose ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("root", "message"), [
