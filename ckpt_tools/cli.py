@@ -484,7 +484,7 @@ def validate(source: str, model: str | None, model_config: str | None, model_cla
               help="At most N connections at once, across all files; a big file is fetched in ranges over "
                    "up to N of them (1: one stream per file).")
 @click.option("--chunk-size", default="64MiB", show_default=True, metavar="SIZE",
-              help="Files above SIZE are fetched in ranges, none larger than SIZE (e.g. 64MiB, 100MB).")
+              help="Files above SIZE are fetched in ranges of about SIZE (e.g. 64MiB, 100MB; at least 64KiB).")
 @format_option
 def download(repo_id, files, revision, lock, locked, cache_dir, local_dir, endpoint, dry_run, connections,
              chunk_size):

@@ -407,8 +407,9 @@ def inferred_html(diff: Mapping, command_line: str) -> str:
     """The remap rules inferred when keys did not match: what they map, what the checkpoint gets
     with them, and buttons to copy them as a rules file or as the command that applies them."""
     rules = diff.get("inferred_rules") or []
+    ambiguous = (diff.get("inference") or {}).get("ambiguous") or []
     if not rules:
-        return ""
+        return _ambiguous_html(ambiguous)
     with_rules = (diff.get("inference") or {}).get("with_rules") or {}
     if diff.get("auto_remap"):
         line = f"Applied (--auto-remap): the report above is the checkpoint with these {len(rules):,} rules."
@@ -421,6 +422,17 @@ def inferred_html(diff: Mapping, command_line: str) -> str:
     if not diff.get("auto_remap"):
         buttons += " " + copy_button(f"{command_line} --auto-remap".strip(), "Copy command")
     return f"<p>{esc(line)}</p>{_table(['rule', 'keys it maps'], rows, 'pt')}<p>{buttons}</p>"
+
+
+def _ambiguous_html(ambiguous: Sequence[Mapping]) -> str:
+    """Pairings that could go either way: no rule is guessed, the user says which."""
+    if not ambiguous:
+        return ""
+    rows = [[f"<code>{esc(a.get('key', ''))}</code>", ", ".join(f"<code>{esc(c)}</code>" for c in a.get("candidates") or ())]
+            for a in ambiguous]
+    return (f"<p>No rule inferred: {len(ambiguous):,} ambiguous pairing{'s' if len(ambiguous) != 1 else ''} could go "
+            "either way; say which with <code>--rename REGEX=REPL</code>.</p>"
+            + _table(["key", "could be"], rows, "pt"))
 
 
 def _toml_str(text: str) -> str:
@@ -484,9 +496,11 @@ def _code(value: object) -> str:
     return f"<code>{esc(value)}</code>" if value not in (None, "") else ""
 
 
-def _counts_text(counts: Mapping[str, int]) -> str:
+def _counts_text(counts: Mapping[str, int], ignored: int = 0) -> str:
     parts = [f"{counts.get('matched', 0):,} matched"]
     parts += [f"{n:,} {_status(k).word}" for k, n in _ordered(counts) if k != "matched"]
+    if ignored:
+        parts.append(f"{ignored:,} ignored (the model re-creates them)")
     return ", ".join(parts)
 
 
@@ -504,7 +518,7 @@ def verdict_html(kind: str, data: Mapping) -> str:
     return (f'<div class="verdict v-{"ok" if ok else "fail"}" role="status">'
             f'<p><span class="mark" aria-hidden="true">{"✓" if ok else "✗"}</span> '
             f'<strong>Verdict: {word}</strong>: {esc(meaning)}</p>'
-            f'<p>{esc(_counts_text(diff.get("counts") or {}))}</p>'
+            f'<p>{esc(_counts_text(diff.get("counts") or {}, len(diff.get("ignored") or ())))}</p>'
             + (f"<ul>{why}</ul>" if why else "") + "</div>")
 
 
@@ -641,8 +655,30 @@ def _section(title: str, body: str, ident: str) -> str:
     return f'<section id="{ident}"><h2>{esc(title)}</h2>{body}</section>' if body else ""
 
 
+def rerun_command(command_line: str) -> str:
+    """The command line without its output options: a copied fix command prints its report where
+    a command normally does, instead of overwriting this page."""
+    try:
+        words = shlex.split(command_line)
+    except ValueError:
+        return command_line
+    out, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in _OUTPUT_OPTIONS:
+            skip = True
+        elif not word.startswith(tuple(f"{o}=" for o in _OUTPUT_OPTIONS if o.startswith("--"))):
+            out.append(word)
+    return shlex.join(out)
+
+
+_OUTPUT_OPTIONS = ("--format", "--output")
+
+
 def _body(kind: str, data: Mapping, command_line: str, tool_version: str, title: str) -> str:
     diff = data if kind == "diff" else data.get("diff") or {}
+    shown, command_line = command_line, rerun_command(command_line)
     parts = [f"<header><h1>{esc(title)}</h1>{verdict_html(kind, data)}</header><main>",
              _section("Checkpoint and target" if kind != "inspect" else "Checkpoint", source_html(kind, data),
                       "source")]
@@ -665,7 +701,7 @@ def _body(kind: str, data: Mapping, command_line: str, tool_version: str, title:
             parts.append(_section("Values", stats_html(data["stats"]), "values"))
     parts.append(_tree_section(kind, data))
     parts.append(f'</main><footer><p>ckpt-tools {esc(tool_version)}</p><p>Command: <code id="command">'
-                 f'{esc(command_line)}</code> {copy_button(command_line, "Copy command line")}</p>'
+                 f'{esc(shown)}</code> {copy_button(shown, "Copy command line")}</p>'
                  '<p id="live" class="sr" role="status" aria-live="polite"></p></footer>')
     return "".join(parts)
 

@@ -119,8 +119,8 @@ def as_transient(exc: BaseException) -> Transient | None:
     if _name_not_resolved(exc):
         raise HubError(f"cannot resolve the host name {_requested_host(exc) or 'of the hub'!r} "
                        f"({foreign_message(exc)})",
-                       fix="check the network, and HF_ENDPOINT or --endpoint (a `ckpt serve` mirror is "
-                           "http://127.0.0.1:PORT)") from exc
+                       fix="check the network, and HF_ENDPOINT (or --endpoint of download and validate; a "
+                           "`ckpt serve` mirror is http://127.0.0.1:PORT)") from exc
     if isinstance(exc, OfflineModeIsEnabled):  # a setting, not a flaky network: retrying cannot help
         return None
     if isinstance(exc, HfHubHTTPError) and exc.response is not None:
@@ -209,7 +209,7 @@ def head_file(repo_id: str, path: str, revision: str, *, endpoint: str, token: s
                             policy, f"HEAD {url}")
     if not meta.commit_hash or not meta.etag:
         raise HubError("the server sent no X-Repo-Commit or ETag: not a hub endpoint", path=url,
-                       fix="point HF_ENDPOINT (or --endpoint) at a hub or `ckpt serve` mirror")
+                       fix="point HF_ENDPOINT (or --endpoint of download and validate) at a hub or `ckpt serve` mirror")
     return meta
 
 

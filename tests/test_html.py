@@ -284,7 +284,9 @@ def test_the_copy_button_copies_the_command_with_the_fix(browser, diff_page):
                      "{ window.copied.push(t); return Promise.resolve(); }")
     browser.evaluate("document.querySelector('#problems button[data-copy]').focus()")
     browser.press("Enter", 13, text="\r")
-    assert browser.evaluate("window.copied") == [f"{COMMAND} --strip-prefix module."]
+    # without --format and --output: running it prints the fixed report instead of overwriting this page
+    assert browser.evaluate("window.copied") == [
+        "ckpt diff ckpt.safetensors --against model.safetensors --strip-prefix module."]
     assert browser.evaluate("document.getElementById('live').textContent") == "Copied: Copy command"
 
 
@@ -430,3 +432,28 @@ def test_an_inspect_report_lists_every_tensor(browser, files, tmp_path):
     assert sorted(keys) == sorted(MODEL)
     assert browser.evaluate("document.getElementById('command').textContent") == \
         "ckpt inspect model.safetensors --format html"
+
+
+def _fail_page(**diff) -> str:
+    data = {"verdict": "fail", "source": "x", "target": "y", "counts": {"unexpected": 1}, "coverage": [],
+            "hints": [], "problems": [{"kind": "unexpected", "key": "module.w", "detail": "nowhere",
+                                       "fix": "--strip-prefix module."}], **diff}
+    return render_html("diff", data, command_line="ckpt diff x --model y --format html --output r.html",
+                       tool_version="0")
+
+
+def test_a_copied_fix_command_prints_its_report_instead_of_overwriting_the_page():
+    assert 'data-copy="ckpt diff x --model y --strip-prefix module."' in _fail_page()
+
+
+def test_the_footer_keeps_the_exact_command_line():
+    assert "ckpt diff x --model y --format html --output r.html</code>" in _fail_page()
+
+
+def test_ambiguous_pairings_are_shown_when_no_rule_is_inferred():
+    page = _fail_page(inference={"ambiguous": [{"key": "a.w", "candidates": ["b.w", "c.w"]}]})
+    assert "<tr><td><code>a.w</code></td><td><code>b.w</code>, <code>c.w</code></td></tr>" in page
+
+
+def test_the_verdict_counts_the_keys_the_model_re_creates():
+    assert "1 ignored (the model re-creates them)" in _fail_page(ignored=["h.0.attn.bias"])

@@ -122,6 +122,12 @@ def test_one_connection_is_one_stream(hub, cache):
     assert ranges_asked(hub) == [None]
 
 
+def test_a_chunk_size_below_the_range_alignment_is_a_usage_error(hub, cache, run_cli):
+    result = run_cli("download", REPO, NAME, "--endpoint", hub.endpoint, "--chunk-size", "1KB", "--dry-run")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --chunk-size must be at least 64.00 KiB, not 1000 B;")
+
+
 def test_bad_connections_is_a_usage_error(hub, cache, run_cli):
     result = run_cli("download", REPO, NAME, "--endpoint", hub.endpoint, "--connections", "0")
     assert result.exit_code == 2

@@ -317,3 +317,18 @@ def test_a_folder_without_config_json_as_a_model_says_what_a_model_folder_holds(
     result = run_cli("diff", tmp_path / "w.safetensors", "--model", tmp_path / "model")
     assert result.exit_code == 2
     assert "a transformers model folder holds config.json" in result.stderr
+
+
+GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 16, "n_layer": 2, "n_head": 2,
+        "vocab_size": 50, "n_positions": 32}
+
+
+def test_an_ignore_pattern_spans_whole_name_segments(tmp_path):
+    # GPT-2 ignores 'attn.bias' (a buffer older files hold); a trained 'c_attn.bias' of a layer the
+    # model lacks is unexpected, not ignored
+    target = write_config(tmp_path / "gpt2", {**GPT2, "bos_token_id": 0, "eos_token_id": 0})
+    state = {**metas(model_state(GPT2)), "transformer.h.7.attn.c_attn.bias": TensorMeta.of(
+        "transformer.h.7.attn.c_attn.bias", (48,), "F32"), "transformer.h.0.attn.bias": TensorMeta.of(
+        "transformer.h.0.attn.bias", (1, 1, 32, 32), "BOOL")}
+    report = diff_keys(state, target)
+    assert (report.unexpected, report.ignored) == (["transformer.h.7.attn.c_attn.bias"], ["transformer.h.0.attn.bias"])

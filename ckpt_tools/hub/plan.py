@@ -24,7 +24,7 @@ from ..http import RetryPolicy, endpoint_url, head_file, host, hub_errors, reque
 from ..render import human_bytes, markdown_table, plural, rich_table
 from .layout import CacheLayout, LocalDirLayout, default_cache_dir
 from .lockfile import LockFile, read_lock
-from .ranges import DEFAULT_CHUNK_SIZE, plan_ranges
+from .ranges import ALIGN, DEFAULT_CHUNK_SIZE, plan_ranges
 from .transfer import DEFAULT_CONNECTIONS, Expect
 
 HEAD_WORKERS = 8
@@ -123,6 +123,10 @@ def plan_download(repo_id: str, filenames: Sequence[str] = (), *, revision: str 
     if connections < 1:
         raise UsageError(f"--connections must be at least 1, not {connections}",
                          fix="pass 1 for one stream per file, more to fetch big files in parallel ranges")
+    chunk_bytes = parse_size(chunk_size)
+    if chunk_bytes < ALIGN:  # range boundaries sit on ALIGN multiples: a smaller range cannot be had
+        raise UsageError(f"--chunk-size must be at least {human_bytes(ALIGN)}, not {human_bytes(chunk_bytes)}",
+                         fix=f"pass {human_bytes(ALIGN)} or more (the default is {human_bytes(DEFAULT_CHUNK_SIZE)})")
     lockfile = read_lock(lock, locked, repo_id)
     if lock is not None and not locked:
         check_output_name(lock, "JSON")
@@ -131,7 +135,7 @@ def plan_download(repo_id: str, filenames: Sequence[str] = (), *, revision: str 
     plan = DownloadPlan(repo_id, revision, "", endpoint_url(endpoint), layout, lock=lockfile,
                         lock_path=None if locked or lock is None else str(lock), token=token,
                         headers=request_headers(token), policy=retry or RetryPolicy(), connections=connections,
-                        chunk_size=parse_size(chunk_size))
+                        chunk_size=chunk_bytes)
     requested = list(dict.fromkeys(filenames))
     metas: dict[str, object] = {}
     if lockfile is not None:
