@@ -27,7 +27,7 @@ from pathlib import PurePath
 from .errors import UsageError
 from .meta import DTYPES
 from .naming import format_numbers
-from .render import human_bytes, human_count
+from .render import chunk_text, human_bytes, human_count
 
 KINDS = ("inspect", "diff", "validate")
 
@@ -195,9 +195,12 @@ def _shape(value) -> tuple[int, ...] | None:
 
 def inspect_rows(data: Mapping) -> list[TensorRow]:
     secondary = {name: group[0] for group in data.get("aliases") or () for name in group[1:]}
+    chunks = data.get("chunks") or {}  # a DCP folder: what each rank wrote
     rows = []
     for key, meta in (data.get("tensors") or {}).items():
         status, note = ("alias", f"same tensor as {secondary[key]}") if key in secondary else ("stored", "")
+        if chunks.get(key):
+            note = f"chunks (rank: range) {chunk_text(chunks[key])}"
         rows.append(TensorRow(key, status, _shape(meta.get("shape")), meta.get("dtype"), meta.get("nbytes"),
                               note=note))
     return rows

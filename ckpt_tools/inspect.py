@@ -11,7 +11,7 @@ from .errors import UsageError
 from .formats import open_checkpoint
 from .meta import TensorMeta
 from .naming import collapse, module_prefix
-from .render import human_bytes, human_count, markdown_table, rich_table
+from .render import chunk_text, human_bytes, human_count, markdown_table, rich_table
 from .stats import StatsReport, checkpoint_stats
 
 LEAF_ROWS = 40  # a listing this short shows every tensor, not module groups
@@ -120,7 +120,7 @@ class InspectReport:
         if self._leaves() and self.chunks is not None:
             return (["key", "shape", "dtype", "bytes", "chunks (rank: range)"],
                     [[m.name, "x".join(map(str, m.shape)) or "scalar", m.dtype, human_bytes(m.nbytes),
-                      _chunk_text(self.chunks.get(m.name, []))] for m in self.tensors.values()])
+                      chunk_text(self.chunks.get(m.name, []))] for m in self.tensors.values()])
         if self._leaves():
             return (["key", "shape", "dtype", "bytes"],
                     [[m.name, "x".join(map(str, m.shape)) or "scalar", m.dtype, human_bytes(m.nbytes)]
@@ -141,19 +141,6 @@ class InspectReport:
         headers, rows = self._table()
         stats = f"\n{self.stats.to_markdown()}" if self.stats is not None else ""
         return f"### {Path(self.source).name}\n\n{summary}\n\n{markdown_table(headers, rows)}\n{stats}"
-
-
-def _chunk_text(chunks: list[dict]) -> str:
-    """``0: 0-129, 1: 129-257`` (what each rank wrote along the one dimension the chunks split;
-    ``dim 1:`` first when it is not the first), or how many chunks there are."""
-    split = [d for d in range(len(chunks[0]["offsets"]) if chunks else 0)
-             if len({c["offsets"][d] for c in chunks}) > 1]
-    if len(split) != 1:
-        return f"{len(chunks)} chunk{'' if len(chunks) == 1 else 's'}"
-    d = split[0]
-    parts = [f"{'?' if c['rank'] is None else c['rank']}: {c['offsets'][d]}-{c['offsets'][d] + c['sizes'][d]}"
-             for c in chunks[:4]]
-    return ("" if d == 0 else f"dim {d}: ") + ", ".join(parts) + (f" (+{len(chunks) - 4})" if len(chunks) > 4 else "")
 
 
 def _both(n: int, short) -> str:

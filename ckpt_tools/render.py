@@ -83,3 +83,16 @@ def human_count(n: int) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f}{unit}"
     return str(n)
+
+
+def chunk_text(chunks: list[dict]) -> str:
+    """``0: 0-129, 1: 129-257`` (what each rank wrote along the one dimension the chunks split;
+    ``dim 1:`` first when it is not the first), or how many chunks there are."""
+    split = [d for d in range(len(chunks[0]["offsets"]) if chunks else 0)
+             if len({c["offsets"][d] for c in chunks}) > 1]
+    if len(split) != 1:
+        return f"{len(chunks)} chunk{'' if len(chunks) == 1 else 's'}"
+    d = split[0]
+    parts = [f"{'?' if c['rank'] is None else c['rank']}: {c['offsets'][d]}-{c['offsets'][d] + c['sizes'][d]}"
+             for c in chunks[:4]]
+    return ("" if d == 0 else f"dim {d}: ") + ", ".join(parts) + (f" (+{len(chunks) - 4})" if len(chunks) > 4 else "")

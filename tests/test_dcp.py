@@ -144,6 +144,12 @@ def test_inspect_lists_the_model_state_from_the_metadata(two, run_cli):
         {"file": "__1_0.distcp", "rank": 1, "offsets": [129, 0], "sizes": [128, 64], "nbytes": 128 * 64 * 4}]
 
 
+def test_the_html_inspect_page_shows_each_tensors_chunks(two, run_cli, tmp_path):
+    done = run_cli("inspect", two / "dcp-full", "--format", "html", "--output", tmp_path / "r.html")
+    assert done.exit_code == 0, done.stderr
+    assert "chunks (rank: range) 0: 0-129, 1: 129-257" in (tmp_path / "r.html").read_text()
+
+
 def test_inspect_accounts_for_the_optimizer_state_beside_the_model(two, run_cli):
     report = json.loads(run_cli("inspect", two / "dcp-full", "--format", "json").stdout)
     buckets = {b["kind"]: b["tensors"] for b in report["selection"]["accounting"]["buckets"]}
