@@ -8,11 +8,14 @@ errors and meta, so every layer can name the type.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import InvalidCheckpointError, UnsupportedFormatError
 from .meta import TensorMeta
+
+ALIASES_KEY = "ckpt_tools.aliases"  # metadata a conversion writes: JSON {name stored once: the name kept}
 
 
 class Checkpoint:
@@ -57,6 +60,33 @@ class Checkpoint:
         self.files: list[Path] = []
         self.picked: str | None = None
         self.other_files: list[str] = []
+        self._stored_as: dict[str, str] = {}  # a recorded alias -> the name its bytes are stored under
+
+    def restore_recorded_aliases(self) -> None:
+        """List again the names a conversion stored once (``ALIASES_KEY`` metadata, written because
+        safetensors cannot store one tensor under two names), as aliases of the name kept: a tied
+        ``lm_head.weight`` stays in the checkpoint for every reader, diff and load."""
+        try:
+            recorded = json.loads(self.metadata.get(ALIASES_KEY) or "{}")
+        except ValueError:
+            recorded = None
+        if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+            self.notes.append(f"the {ALIASES_KEY} metadata is not a JSON object of names: ignored")
+            return
+        for removed, kept in recorded.items():
+            if kept not in self._metas or removed in self._metas:
+                continue
+            self._metas[removed] = self._metas[kept].renamed(removed)
+            self._stored_as[removed] = kept
+            group = next((g for g in self.aliases if kept in g), None)
+            if group is None:
+                self.aliases.append([kept, removed])
+            elif removed not in group:
+                group.append(removed)
+
+    def stored_key(self, key: str) -> str:
+        """The name ``key``'s bytes are stored under (itself, unless it is a recorded alias)."""
+        return self._stored_as.get(key, key)
 
     # -- listing (no tensor bytes) --
     def keys(self) -> list[str]:
@@ -94,7 +124,7 @@ class Checkpoint:
     def tensor(self, key: str):
         """The tensor stored under ``key`` (a CPU torch tensor), read on demand."""
         self.meta(key)
-        return self._load_tensor(key)
+        return self._load_tensor(self.stored_key(key))
 
     def _load_tensor(self, key: str):  # pragma: no cover - abstract
         raise NotImplementedError

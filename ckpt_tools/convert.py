@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint
+from .checkpoint import ALIASES_KEY, Checkpoint
 from .convert_plan import (
     INDEX_NAME,
     SHARD_PATTERN,
@@ -45,7 +45,6 @@ from .safetensors_writer import FileRange, cast_checked, chunk_bytes_view, tenso
 from .version import VERSION
 
 MIN_SELECTED_FRACTION = 0.5  # of the file's non-optimizer tensor bytes, for a choice made by content
-ALIASES_KEY = "ckpt_tools.aliases"  # metadata: JSON {removed alias: stored name}
 VERIFY_CHUNK = 16 * 1024 * 1024
 
 
@@ -284,6 +283,12 @@ def _check_selection(checkpoint: Checkpoint) -> None:
     accounting = checkpoint.accounting
     if accounting is None or accounting.explicit:
         return
+    together = getattr(getattr(checkpoint, "selection", None), "together", None)
+    if together is not None:  # parts of one model side by side: converting one drops the others
+        raise InvalidCheckpointError(
+            f"the state dict chosen ({checkpoint.wrapper}) is one of several side by side under {together}; "
+            "the others would be left behind", path=checkpoint.source,
+            fix=f"--select {together} to convert them together, or --select {checkpoint.wrapper} for this one")
     counted = [b for b in accounting.buckets if b.kind != "optimizer"]
     total = sum(b.nbytes for b in counted)
     selected = sum(b.nbytes for b in counted if b.kind == "selected")

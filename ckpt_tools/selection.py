@@ -142,6 +142,7 @@ class Selection:
     not_executed: dict[str, list[str]] = field(default_factory=dict)
     accounting: Accounting = field(default_factory=Accounting)
     notes: list[str] = field(default_factory=list)
+    together: str | None = None  # a chosen state dict's parent holding other parts of one model beside it
 
     @property
     def wrapper(self) -> str | None:
@@ -411,20 +412,15 @@ def _merged_into(candidate: _Candidate, chosen: _Candidate) -> bool:
     return chosen.kind == NESTED and candidate.path[:len(chosen.path)] == chosen.path
 
 
-def _together_note(walk: _Walk, chosen: _Candidate) -> list[str]:
-    """When the chosen state dict has siblings that are state dicts too (``model.encoder`` beside
-    ``model.decoder``), say how to take them together."""
+def _parts_parent(walk: _Walk, chosen: _Candidate) -> str | None:
+    """The parent of a chosen state dict whose siblings are state dicts of other parts of one model
+    (``model.encoder`` beside ``model.decoder``; not an EMA copy, which has the same shapes) and
+    which ``--select`` could take as one; None otherwise (the top level never: it is the file)."""
     if chosen.kind == NESTED or len(chosen.path) < 2:
-        return []
+        return None
     parent = chosen.path[:-1]
-    siblings = [c for c in walk.candidates if c.path[:-1] == parent and c.path != chosen.path]
-    flat = flattened(walk.containers.get(parent))
-    if not siblings or not flat:
-        return []
-    text = ".".join(parent)
-    entries = ", ".join(f"{key}.*" for key in walk.containers[parent])
-    return [f"{text} holds {plural(len(siblings) + 1, 'state dict')}; --select {text} takes them together as one "
-            f"({plural(len(flat), 'tensor')}: {entries})"]
+    parts = [c for c in walk.candidates if c.path[:-1] == parent and c.path != chosen.path and c.shapes != chosen.shapes]
+    return ".".join(parent) if parts and flattened(walk.containers.get(parent)) else None
 
 
 def _leaf_entry(walk: _Walk, text: str):
@@ -520,7 +516,15 @@ def select_state_dict(root, *, select: str | None = None, priority: Sequence[str
                     key=_rank)
     selection = Selection(chosen.text, chosen.kind, dict(chosen.state),
                           alternatives=[Alternative(c.text, c.kind, len(c.state), c.nbytes) for c in others],
-                          not_executed=walk.not_executed, notes=list(walk.notes) + _together_note(walk, chosen))
+                          not_executed=walk.not_executed, notes=list(walk.notes))
+    selection.together = _parts_parent(walk, chosen)
+    if selection.together is not None:
+        parent = chosen.path[:-1]
+        text, count = selection.together, sum(1 for c in walk.candidates if c.path[:-1] == parent)
+        entries = ", ".join(f"{key}.*" for key in walk.containers[parent])
+        flat = flattened(walk.containers[parent]) or {}
+        selection.notes.append(f"{text} holds {plural(count, 'state dict')}; --select {text} takes them together "
+                               f"as one ({plural(len(flat), 'tensor')}: {entries})")
     _fill_extras(selection, walk, chosen)
     selection.accounting = _account(walk, chosen, others, explicit=select is not None)
     return selection

@@ -159,6 +159,43 @@ def test_restore_aliases_from_metadata(tmp_path):
     assert state["lm_head.weight"] is state["wte.weight"]
 
 
+def _tied(tmp_path):
+    shared = torch.arange(8, dtype=torch.float32).reshape(2, 4)
+    torch.save({"wte.weight": shared, "lm_head.weight": shared, "b": torch.ones(1)}, tmp_path / "t.pt")
+    return shared
+
+
+def test_a_name_stored_once_is_read_back_as_an_alias_of_the_one_kept(tmp_path):
+    shared = _tied(tmp_path)
+    convert_to_safetensors(tmp_path / "t.pt", tmp_path / "t.safetensors")
+    with open_checkpoint(tmp_path / "t.safetensors") as ckpt:
+        assert (sorted(ckpt.keys()), ckpt.aliases) == (["b", "lm_head.weight", "wte.weight"],
+                                                      [["wte.weight", "lm_head.weight"]])
+        assert torch.equal(ckpt.tensor("lm_head.weight"), shared)
+
+
+def test_a_converted_tied_checkpoint_loads_into_a_model_that_unties_the_names(tmp_path):
+    from ckpt_tools import load_checkpoint
+
+    shared = _tied(tmp_path)
+    convert_to_safetensors(tmp_path / "t.pt", tmp_path / "t.safetensors")
+    model = torch.nn.Module()
+    for name in ("wte", "lm_head"):
+        setattr(model, name, torch.nn.Linear(4, 2, bias=False))
+    model.b = torch.nn.Parameter(torch.zeros(1))
+    report = load_checkpoint(tmp_path / "t.safetensors", model)
+    assert (report.verdict, report.load["verified"]) == ("ok", True)
+    assert torch.equal(model.lm_head.weight.detach(), shared)
+
+
+def test_a_sharded_conversion_read_back_and_converted_again_keeps_the_record(tmp_path):
+    _tied(tmp_path)
+    convert_to_safetensors(tmp_path / "t.pt", tmp_path / "sharded", max_shard_size=40)
+    convert_to_safetensors(tmp_path / "sharded", tmp_path / "back.safetensors")
+    assert json.loads(read_safetensors(tmp_path / "back.safetensors")[1]["ckpt_tools.aliases"]) == {
+        "lm_head.weight": "wte.weight"}
+
+
 def test_alias_kept_is_the_one_a_rename_points_to(tmp_path):
     shared = torch.ones(3)
     torch.save({"wte.weight": shared, "lm_head.weight": shared}, tmp_path / "t.pt")
@@ -706,6 +743,14 @@ def test_remap_of_a_pickle_that_drops_every_tensor_says_so(tmp_path, zip_format)
     with pytest.raises(RemapError, match="the rules drop every tensor"):
         remap_checkpoint(tmp_path / "w.pt", tmp_path / "o.pt", rules=[{"drop": "*"}])
     assert os.listdir(tmp_path) == ["w.pt"]
+
+
+def test_convert_refuses_to_take_one_part_of_a_model_split_side_by_side(tmp_path):
+    torch.save({"model": {"enc": {"w": torch.ones(4)}, "dec": {"w": torch.ones(2), "b": torch.ones(2)}}},
+               tmp_path / "n.pt")
+    with pytest.raises(InvalidCheckpointError, match="one of several side by side under model") as info:
+        convert_to_safetensors(tmp_path / "n.pt", tmp_path / "n.safetensors")
+    assert info.value.fix == "--select model to convert them together, or --select model.enc for this one"
 
 
 def test_nested_state_dicts_convert_together_and_remap_refuses_to_take_them_apart(tmp_path):

@@ -236,6 +236,11 @@ def test_select_of_a_mapping_of_state_dicts_takes_them_as_one_with_dotted_names(
     assert list(chosen.state) == ["encoder.layer.0.weight", "decoder.layer.0.weight", "decoder.layer.1.weight"]
 
 
+def test_an_ema_copy_beside_the_model_is_not_a_part_to_take_together():
+    chosen = select({"run": {"model": weights((2, 2)), "model_ema": weights((2, 2))}})
+    assert (chosen.path, chosen.together) == ("run.model", None)
+
+
 def test_state_dicts_taken_together_are_neither_alternatives_nor_extras():
     chosen = select(nested_root(), select="model")
     assert (chosen.alternatives, list(chosen.extras)) == ([], ["epoch"])

@@ -119,12 +119,13 @@ class SafetensorsCheckpoint(Checkpoint):
             fileobj.read(8), fileobj.read, file_size, source)
         self.header_bytes = self._data_start
         self.data_bytes_read = 0  # tensor bytes read by read_slice
+        self.restore_recorded_aliases()
 
     def byte_span(self, key: str) -> tuple[Path, int, int] | None:
         """(file, offset, nbytes) of a tensor's bytes in a local file."""
         if self._path is None:
             return None
-        begin, end = self._offsets[key]
+        begin, end = self._offsets[self.stored_key(key)]
         return self._path, self._data_start + begin, end - begin
 
     def _load_tensor(self, key: str):
@@ -149,6 +150,7 @@ class SafetensorsCheckpoint(Checkpoint):
         are read (a row block is one read, a column block one read per row), into ``out`` when given
         (a contiguous tensor of the block's shape and the tensor's dtype)."""
         meta = self.meta(key)
+        key = self.stored_key(key)
         box = tuple(int(o) for o in offsets), tuple(int(n) for n in sizes)
         if len(box[0]) != len(meta.shape) or any(o + n > d for o, n, d in zip(*box, meta.shape, strict=True)):
             raise InvalidCheckpointError(f"a slice at {list(box[0])} of size {list(box[1])} does not fit the shape "

@@ -41,6 +41,7 @@ class ShardedCheckpoint(Checkpoint):
             self._metas[key] = part.meta(key)
         self.format = "sharded-" + next(iter(self.shards.values())).format if self.shards else "sharded"
         self._collect_from_shards()
+        self.restore_recorded_aliases()
 
     def _collect_from_shards(self) -> None:
         for shard, part in self.shards.items():
@@ -65,6 +66,7 @@ class ShardedCheckpoint(Checkpoint):
         """A block of a tensor, read by its shard: only its byte runs where the shard's reader can,
         else copied from the mapped tensor (and its bytes counted)."""
         self.meta(key)
+        key = self.stored_key(key)
         part = self._where[key]
         reader = getattr(part, "read_slice", None)
         if reader is not None:
