@@ -551,7 +551,8 @@ def scan(source: str) -> None:
 # --- demo ---
 @cli.command()
 @click.option("--keep", type=click.Path(file_okay=False), metavar="DIR",
-              help="Copy the demo's files (hub folder, cache, converted model) here instead of deleting them.")
+              help="Work in DIR (new or empty) and keep the demo's files there (hub folder, cache, converted "
+                   "model, report.html) instead of a temporary folder.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the demo checkpoint's values.")
 @format_option
 def demo(keep: str | None, seed: int) -> None:

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import selectors
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -201,6 +200,22 @@ def _loopback_allowed() -> Iterator[bool]:
         constants.HF_HUB_OFFLINE = was
 
 
+@contextlib.contextmanager
+def _workdir(keep: str | Path | None) -> Iterator[Path]:
+    """Where the demo works: ``keep`` itself when given (so every path the report prints is a file
+    that stays), else a temporary folder removed afterwards."""
+    if keep is None:
+        with tempfile.TemporaryDirectory(prefix="ckpt-demo-") as tmp:
+            yield Path(tmp)
+        return
+    folder = Path(keep)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UsageError(f"--keep {keep}: {'not a folder' if not folder.is_dir() else 'the folder is not empty'}",
+                         path=str(keep), fix="pass a new or empty folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    yield folder.resolve()
+
+
 def run_demo(*, preset: str = DEFAULT_PRESET, keep: str | Path | None = None, seed: int = 0,
              progress: Callable[[DemoStep], None] | None = None) -> DemoReport:
     """Build, publish, serve, validate (pin, remote diff, download, convert, load), generate."""
@@ -208,8 +223,7 @@ def run_demo(*, preset: str = DEFAULT_PRESET, keep: str | Path | None = None, se
     kit = _demo_kit(preset)
     report = DemoReport(preset)
     steps = _Steps(report, progress)
-    with tempfile.TemporaryDirectory(prefix="ckpt-demo-") as tmp:
-        work = Path(tmp)
+    with _workdir(keep) as work:
         with steps.step("make") as note:
             assets = kit.write_base_weights(work / "build")
             count = kit.write_checkpoint(assets, work / "build" / kit.filename, seed)
@@ -246,7 +260,6 @@ def run_demo(*, preset: str = DEFAULT_PRESET, keep: str | Path | None = None, se
                 report.generation = kit.generate(model, image_processor, tokenizer)
                 note["detail"] = repr(report.generation)
         if keep:
-            shutil.copytree(work, keep, dirs_exist_ok=True)
             report.kept = str(keep)
             page = Path(keep) / "report.html"
             atomic_write(page, render_html("validate", result.to_dict(), command_line=f"ckpt demo --keep {keep}",

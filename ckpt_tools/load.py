@@ -106,9 +106,7 @@ def load_checkpoint(checkpoint, model, *, remap=None, expect_missing: Sequence[s
                          require=require, auto_remap=auto_remap)
         report.model = model if built is not None else None
         if not report.ok and not force:
-            raise LoadRefusedError(_refusal(report), report=report, path=str(ckpt.source),
-                                   fix="fix the problems in the key report (ckpt diff), or pass force=True "
-                                       "(--force) to load the tensors that fit")
+            raise LoadRefusedError(_refusal(report), report=report, path=str(ckpt.source), fix=_refusal_fix(report))
         report.load, bad = _load(model, ckpt, report, side.preset, device=device, verify=verify,
                                  forced=force and not report.ok, allow_nonfinite=allow_nonfinite)
         _record(model, report, provenance, ckpt)
@@ -136,6 +134,17 @@ def _refusal(report: KeyReport) -> str:
     parts = [f"{counts[k]} {k.replace('_', ' ')}" for k in ("shape_mismatch", "unexpected", "missing_unexpected")
              if counts[k]]
     return "refusing to load: the key report's verdict is fail (" + ", ".join(parts) + ")"
+
+
+def _refusal_fix(report: KeyReport) -> str:
+    """The way forward the key report already found, else the general one."""
+    general = "fix the problems in the key report (ckpt diff), or pass force=True (--force) to load the tensors that fit"
+    if report.inference is not None and report.inference.rules and (report.with_inferred or {}).get("verdict") == "ok":
+        return f"the inferred remap rules make it fit: pass auto_remap=True (--auto-remap); or {general}"
+    fixes = [h["fix"] for h in report.hints if str(h.get("fix") or "").startswith("--")]
+    if fixes:
+        return f"try {fixes[0]} (as remap= rules in the library); or {general}"
+    return general
 
 
 def _load(model, ckpt, report: KeyReport, preset, *, device: str | None, verify: bool,
@@ -264,9 +273,7 @@ def _load_sharded(checkpoint, model, *, remap, expect_missing, require, force, p
 
         report = report_from_dict(on_first_rank(diff))
         if not report.ok and not force:
-            raise LoadRefusedError(_refusal(report), report=report, path=str(ckpt.source),
-                                   fix="fix the problems in the key report (ckpt diff), or pass force=True "
-                                       "(--force) to load the tensors that fit")
+            raise LoadRefusedError(_refusal(report), report=report, path=str(ckpt.source), fix=_refusal_fix(report))
         mine = agree(lambda: _load_owned(model, ckpt, report.loadable(), verify, allow_nonfinite))
         ranks = gather_json(mine)
         report.load, bad = _sharded_summary(model, report, ranks, preset, verify=verify,

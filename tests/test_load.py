@@ -189,3 +189,10 @@ def test_reads_each_tensor_through_the_lazy_reader(tmp_path, monkeypatch):
     assert report.load["loaded"] == 13
     assert sorted(reads) == sorted([k for k in state if k != "head.weight"] * 2)  # load + verify
     assert ckpt.tensor("blocks.0.x.gate") is not None  # a Checkpoint passed in stays open
+
+
+def test_a_refused_load_names_the_fix_the_key_report_found(tmp_path):
+    torch.save({f"module.{k}": v for k, v in torch.nn.Linear(2, 2).state_dict().items()}, tmp_path / "ddp.pt")
+    with pytest.raises(LoadRefusedError) as info:
+        load_checkpoint(tmp_path / "ddp.pt", torch.nn.Linear(2, 2))
+    assert info.value.fix.startswith("the inferred remap rules make it fit: pass auto_remap=True (--auto-remap)")

@@ -112,6 +112,16 @@ def test_demo_runs_end_to_end_offline_and_cleans_up(tmp_path):
     assert "the checkpoint fits the model" in (kept / "report.html").read_text()
 
 
+def test_demo_refuses_to_work_in_a_folder_that_is_not_empty(tmp_path):
+    from ckpt_tools.demo import run_demo
+    from ckpt_tools.errors import UsageError
+
+    (tmp_path / "old.txt").write_text("x")
+    with pytest.raises(UsageError, match="the folder is not empty"):
+        run_demo(keep=tmp_path)
+    assert os.listdir(tmp_path) == ["old.txt"]
+
+
 def test_repo_id_with_revision_uses_the_presets_file_and_stops_before_download(published, tmp_path):
     # the tiny checkpoint published as a 3B checkpoint.pt: the preset's skeleton shows the misfit remotely
     with HubServer(published["hub"]) as server:
