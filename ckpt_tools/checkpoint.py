@@ -35,6 +35,8 @@ class Checkpoint:
       alternatives  other state dicts found beside the selected one, best first
                (``selection.Alternative``: path, kind, tensors, nbytes, select); [] where the
                format holds one state dict
+      selection  the whole ``selection.Selection`` (what was chosen, how, alternatives, extras)
+               where the reader chose a state dict inside the file; else None
       accounting  every tensor of the file and where it went (``selection.Accounting``: buckets
                selected / alternative / optimizer / extra, totals, whether ``select`` named it);
                None where the listing is the whole file
@@ -53,6 +55,7 @@ class Checkpoint:
         self.aliases: list[list[str]] = []
         self.alternatives: list = []
         self.accounting = None
+        self.selection = None  # selection.Selection where a state dict was chosen inside the file
         self.not_executed: dict[str, list[str]] = {}
         self._metas: dict[str, TensorMeta] = {}
         self.bytes_read: int | None = None

@@ -283,7 +283,7 @@ def _check_selection(checkpoint: Checkpoint) -> None:
     accounting = checkpoint.accounting
     if accounting is None or accounting.explicit:
         return
-    together = getattr(getattr(checkpoint, "selection", None), "together", None)
+    together = checkpoint.selection.together if checkpoint.selection is not None else None
     if together is not None:  # parts of one model side by side: converting one drops the others
         raise InvalidCheckpointError(
             f"the state dict chosen ({checkpoint.wrapper}) is one of several side by side under {together}; "

@@ -165,7 +165,7 @@ def listing(checkpoint: Checkpoint, source: str, *, pattern: str | None = None, 
             raise UsageError(f"--filter {pattern!r} matches none of the {len(checkpoint)} keys", path=source,
                              fix="globs match the whole key and are case-sensitive, e.g. 'perceiver.*'")
     aliases = [[n for n in group if n in tensors] for group in checkpoint.aliases]
-    selection = getattr(checkpoint, "selection", None)
+    selection = checkpoint.selection
     chosen = {"path": checkpoint.wrapper, "file": checkpoint.picked,
               "alternatives": [a.to_dict() for a in checkpoint.alternatives],
               "accounting": checkpoint.accounting.to_dict() if checkpoint.accounting else None}

@@ -126,7 +126,7 @@ def _remap_pickle(src, dst, rules, force, kind, files, options) -> RemapCheckpoi
     check_output_name(dst, "torch pickle", otherwise="; to get safetensors, use `ckpt convert` (it remaps too)")
     check_outputs([dst], files, force)
     with open_checkpoint(src, **options) as checkpoint:
-        if getattr(getattr(checkpoint, "selection", None), "kind", None) == NESTED:
+        if checkpoint.selection is not None and checkpoint.selection.kind == NESTED:
             raise UsageError(f"--select {checkpoint.wrapper} takes nested state dicts as one, which remap cannot "
                              "write back in their place", path=str(src),
                              fix="use `ckpt convert` (it remaps too), or --select one of them")

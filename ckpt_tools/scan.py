@@ -159,7 +159,7 @@ def _scan_dcp(resolved: Source) -> ScanReport:
     report.notes.append("the .metadata's own globals (torch.distributed.checkpoint's metadata data classes, "
                         "pathlib paths) are allowed there: torch writes them, and they hold data only")
     report.notes.append("torch's dcp.load unpickles the objects of a DCP folder (optimizer settings, "
-                        "dataloader state) with weights_only=False: every pickle in the .distcp files was walked")
+                        "dataloader state) without the weights-only restriction: every pickle in the .distcp files was walked")
     return report
 
 

@@ -376,8 +376,32 @@ TENSOR_HEADERS = ["tensor", "dtype", "min", "max", "mean", "std", "abs mean", "N
 MODULE_HEADERS = ["module", "tensors", "values", "min", "max", "mean", "std", "abs mean", "NaN", "Inf", "zeros"]
 
 
+class _ByModule:
+    """How both value reports render: summary lines, a table by module, then one by tensor (the
+    subclass names them and gives ``summary_lines``, ``modules()`` and ``tensors``)."""
+
+    _title: str
+    _heading: str
+    _module_headers: list[str]
+    _tensor_headers: list[str]
+
+    def rich_table(self):
+        from rich.console import Group
+        from rich.text import Text
+
+        table = rich_table(self._title, self._module_headers, [m.row() for m in self.modules()],
+                           justify_right=tuple(self._module_headers[1:]))
+        return Group(*(Text(line) for line in self.summary_lines()), table)
+
+    def to_markdown(self) -> str:
+        summary = "\n".join(f"- {line.strip()}" for line in self.summary_lines())
+        modules = markdown_table(self._module_headers, [m.row() for m in self.modules()])
+        tensors = markdown_table(self._tensor_headers, [t.row() for t in self.tensors.values()])
+        return f"### {self._heading}\n\n{summary}\n\n{modules}\n\n#### Tensors\n\n{tensors}\n"
+
+
 @dataclass
-class StatsReport:
+class StatsReport(_ByModule):
     source: str
     tensors: dict[str, TensorStats]
     chunk_elems: int = DEFAULT_CHUNK_ELEMS
@@ -418,19 +442,7 @@ class StatsReport:
                   for name, t in self.tensors.items() if t.basis == "magnitude"]
         return lines
 
-    def rich_table(self):
-        from rich.console import Group
-        from rich.text import Text
-
-        table = rich_table("values by module", MODULE_HEADERS, [m.row() for m in self.modules()],
-                           justify_right=tuple(MODULE_HEADERS[1:]))
-        return Group(*(Text(line) for line in self.summary_lines()), table)
-
-    def to_markdown(self) -> str:
-        summary = "\n".join(f"- {line}" for line in self.summary_lines())
-        modules = markdown_table(MODULE_HEADERS, [m.row() for m in self.modules()])
-        tensors = markdown_table(TENSOR_HEADERS, [t.row() for t in self.tensors.values()])
-        return f"### Values\n\n{summary}\n\n{modules}\n\n#### Tensors\n\n{tensors}\n"
+    _title, _heading, _module_headers, _tensor_headers = "values by module", "Values", MODULE_HEADERS, TENSOR_HEADERS
 
 
 def tensor_stats(name: str, tensor, *, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
@@ -697,7 +709,7 @@ def _change_detail(acc: DiffAccumulator, max_change: float) -> str:
 
 
 @dataclass
-class ValueDiffReport:
+class ValueDiffReport(_ByModule):
     source_a: str
     source_b: str
     tensors: dict[str, TensorDiff]
@@ -748,19 +760,8 @@ class ValueDiffReport:
         lines += [f"problem: {p['key']}: {p['detail']}" for p in self.problems]
         return lines
 
-    def rich_table(self):
-        from rich.console import Group
-        from rich.text import Text
-
-        table = rich_table("value changes by module", DIFF_MODULE_HEADERS, [m.row() for m in self.modules()],
-                           justify_right=tuple(DIFF_MODULE_HEADERS[1:]))
-        return Group(*(Text(line) for line in self.summary_lines()), table)
-
-    def to_markdown(self) -> str:
-        summary = "\n".join(f"- {line.strip()}" for line in self.summary_lines())
-        modules = markdown_table(DIFF_MODULE_HEADERS, [m.row() for m in self.modules()])
-        tensors = markdown_table(DIFF_TENSOR_HEADERS, [t.row() for t in self.tensors.values()])
-        return f"### Value changes\n\n{summary}\n\n{modules}\n\n#### Tensors\n\n{tensors}\n"
+    _title, _heading = "value changes by module", "Value changes"
+    _module_headers, _tensor_headers = DIFF_MODULE_HEADERS, DIFF_TENSOR_HEADERS
 
 
 def tensor_diff(name: str, a, b, *, chunk_elems: int = DEFAULT_CHUNK_ELEMS,

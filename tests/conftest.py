@@ -35,6 +35,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+from ckpt_tools.server import HubServer  # noqa: E402
+
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 settings.register_profile("dev", print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
@@ -71,3 +73,16 @@ def root(tmp_path):
     root = tmp_path / "served"
     root.mkdir()
     return root
+
+
+@pytest.fixture
+def hub(root, commit):
+    """The local hub server over ``root``, once the module's own ``commit`` fixture has published."""
+    with HubServer(root) as server:
+        yield server
+
+
+@pytest.fixture
+def cache(tmp_path):
+    """An empty download cache folder."""
+    return tmp_path / "cache"

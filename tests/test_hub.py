@@ -31,17 +31,6 @@ def commit(root):
     return publish(root, REPO, {"config.json": CONFIG, "weights/model.bin": BIG})
 
 
-@pytest.fixture
-def hub(root, commit):
-    with HubServer(root) as server:
-        yield server
-
-
-@pytest.fixture
-def cache(tmp_path):
-    return tmp_path / "cache"
-
-
 def fetch(hub, cache, files=("weights/model.bin",), **kw) -> DownloadResult:
     return download(REPO, list(files), endpoint=hub.endpoint, cache_dir=cache, retry=kw.pop("retry", FAST), **kw)
 

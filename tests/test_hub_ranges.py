@@ -37,17 +37,6 @@ def commit(root):
     return publish(root, REPO, {NAME: BIG})
 
 
-@pytest.fixture
-def hub(root, commit):
-    with HubServer(root) as server:
-        yield server
-
-
-@pytest.fixture
-def cache(tmp_path):
-    return tmp_path / "cache"
-
-
 def fetch(hub, cache, **kw):
     kw = {"connections": CONNECTIONS, "chunk_size": CHUNK, "retry": FAST, **kw}
     return download(REPO, [NAME], endpoint=hub.endpoint, cache_dir=cache, **kw)

@@ -295,7 +295,7 @@ def _paths(planner_data, entries: dict) -> dict[str, tuple]:
 
 def pickled_chunks(metadata: DcpMetadata) -> dict[str, list[tuple[str, int, int]]]:
     """{file: [(fqn, offset, length)]} of every byte range that is a ``torch.save`` zip: the
-    objects (torch's ``dcp.load`` unpickles them with ``weights_only=False``) and the tensor chunks
+    objects (torch's ``dcp.load`` unpickles them without the weights-only restriction) and the tensor chunks
     not stored as raw bytes."""
     found: dict[str, list[tuple[str, int, int]]] = {}
     for fqn, entry in metadata.entries.items():

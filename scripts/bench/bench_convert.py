@@ -122,13 +122,5 @@ def bench(args: argparse.Namespace) -> None:
         plot=plot, notes="one run; the plain way, informational"))
 
 
-def main() -> None:
-    args = harness.arg_parser(__doc__).parse_args()
-    try:
-        bench(args)
-    finally:
-        harness.cleanup(args)
-
-
 if __name__ == "__main__":
-    main()
+    harness.run(bench, __doc__)

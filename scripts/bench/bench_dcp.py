@@ -191,13 +191,5 @@ def bench(args: argparse.Namespace) -> None:
             shutil.rmtree(dcp, ignore_errors=True)
 
 
-def main() -> None:
-    args = harness.arg_parser(__doc__).parse_args()
-    try:
-        bench(args)
-    finally:
-        harness.cleanup(args)
-
-
 if __name__ == "__main__":
-    main()
+    harness.run(bench, __doc__)

@@ -58,6 +58,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -361,6 +362,15 @@ def checkpoint(args: argparse.Namespace, layout: str = "3b", fmt: str = "pt", wr
     subprocess.run(cmd, check=True)
     _generated.append(path)
     return path
+
+
+def run(bench: Callable[[argparse.Namespace], None], doc: str | None) -> None:
+    """A bench script's main: the common arguments, ``bench``, then what it generated removed."""
+    args = arg_parser(doc).parse_args()
+    try:
+        bench(args)
+    finally:
+        cleanup(args)
 
 
 def cleanup(args: argparse.Namespace) -> None:
