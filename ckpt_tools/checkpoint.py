@@ -18,6 +18,18 @@ from .meta import TensorMeta
 ALIASES_KEY = "ckpt_tools.aliases"  # metadata a conversion writes: JSON {name stored once: the name kept}
 
 
+def recorded_aliases(metadata: dict[str, str] | None) -> dict[str, str] | None:
+    """{name stored once: the name kept} from a conversion's ``ALIASES_KEY`` metadata ({} when there
+    is none; None when it is not a JSON object of names)."""
+    try:
+        recorded = json.loads((metadata or {}).get(ALIASES_KEY) or "{}")
+    except ValueError:
+        return None
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        return None
+    return recorded
+
+
 class Checkpoint:
     """Base class of every format's reader. Subclasses fill the fields and implement
     ``_load_tensor``; everything else is shared.
@@ -69,11 +81,8 @@ class Checkpoint:
         """List again the names a conversion stored once (``ALIASES_KEY`` metadata, written because
         safetensors cannot store one tensor under two names), as aliases of the name kept: a tied
         ``lm_head.weight`` stays in the checkpoint for every reader, diff and load."""
-        try:
-            recorded = json.loads(self.metadata.get(ALIASES_KEY) or "{}")
-        except ValueError:
-            recorded = None
-        if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        recorded = recorded_aliases(self.metadata)
+        if recorded is None:
             self.notes.append(f"the {ALIASES_KEY} metadata is not a JSON object of names: ignored")
             return
         for removed, kept in recorded.items():

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import ALIASES_KEY, Checkpoint
+from .checkpoint import ALIASES_KEY, Checkpoint, recorded_aliases
 from .convert_plan import (
     INDEX_NAME,
     SHARD_PATTERN,
@@ -421,8 +421,11 @@ class _ShardWriter:
 def restore_aliases(state: dict, metadata: dict[str, str] | None) -> dict:
     """Put back the names a conversion stored once: ``state[removed] = state[kept]`` (same tensor)
     for each entry of the ``ckpt_tools.aliases`` metadata whose kept name is in ``state``."""
-    aliases = json.loads((metadata or {}).get(ALIASES_KEY, "{}"))
-    for removed, kept in aliases.items():
+    recorded = recorded_aliases(metadata)
+    if recorded is None:
+        raise InvalidCheckpointError(f"the {ALIASES_KEY} metadata is not a JSON object of names",
+                                     fix="convert the source again, or drop that metadata entry")
+    for removed, kept in recorded.items():
         if kept in state and removed not in state:
             state[removed] = state[kept]
     return state
